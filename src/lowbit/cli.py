@@ -1,0 +1,114 @@
+"""`lowbit` command line: quantize | eval | demo | plan | schemes.
+
+User mistakes print one line and exit 2; bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, exit 2
+        self.exit(2, f"lowbit: error: {message} (see 'lowbit {self.prog.split()[-1]} --help')\n")
+
+
+def _add_model_source(p):
+    p.add_argument("model", metavar="MODEL", help="'smollm2-135m' (embedded), a Hugging Face checkpoint directory, a .gguf file, or a lowbit output directory")
+
+
+def _add_text_args(p, default_seq_len=512):
+    p.add_argument("--text", default="wiki", help="'wiki' (Wikipedia articles shipped in the gensim wheel), a .txt file or a .jsonl file (default: wiki)")
+    p.add_argument("--text-field", default="text", help="field to read from each JSONL record (default: text)")
+    p.add_argument("--seq-len", type=int, default=default_seq_len, help=f"tokens per window (default: {default_seq_len})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="lowbit", description="Quantize LLMs and measure what it buys and costs. "
+                 "Start with 'lowbit demo' (quantizes the embedded SmolLM2-135M and prints a quality table).")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="quantize the embedded model with RTN and GPTQ at W4/W3-g64 and print a quality table")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows (default: 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--max-windows", type=int, default=16, help="evaluation windows (default: 16)")
+    p.add_argument("--schemes", default="w4a16-g64-asym,w3a16-g64-asym", help="comma-separated schemes (default: w4a16-g64-asym,w3a16-g64-asym)")
+    p.add_argument("--methods", default="rtn,gptq", help="comma-separated methods (default: rtn,gptq)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    p = sub.add_parser("quantize", help="quantize a model and save it")
+    _add_model_source(p)
+    p.add_argument("--method", default="gptq", choices=["rtn", "gptq"], help="algorithm (default: gptq)")
+    p.add_argument("--scheme", default="w4a16-g64", help="scheme name, e.g. w4a16-g64, w4a16-g128-asym, w8a16 (see 'lowbit schemes')")
+    p.add_argument("--calib", default="wiki", help="calibration text: 'wiki', a .txt or .jsonl file (default: wiki)")
+    p.add_argument("--text-field", default="text", help="JSONL field (default: text)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default: 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    p.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="module name pattern kept in float (repeatable; default: lm_head and embeddings)")
+    p.add_argument("--include", action="append", default=None, metavar="PATTERN", help="only quantize modules matching (repeatable; default: all Linears)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a baseline")
+    _add_model_source(p)
+    p.add_argument("--baseline", help="model to compare against (for KL divergence and top-1 agreement)")
+    _add_text_args(p)
+    p.add_argument("--max-windows", type=int, default=64, help="evaluation windows (default: 64)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("schemes", help="list scheme presets and the name grammar")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.cmd:
+        ap.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.cmd](args) or 0
+    except UserError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_schemes(args) -> int:
+    from .scheme import PRESETS, VALID_FORMS, Scheme
+
+    rows = []
+    for name in PRESETS:
+        s = Scheme.parse(name)
+        rows.append({"name": name, "weights": s.with_(activations=None).name, "activations": s.activations.name if s.activations else "float"})
+    if args.json:
+        print(json.dumps({"presets": rows, "grammar": VALID_FORMS}, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:12s} weights {r['weights']:16s} activations {r['activations']}")
+        print("\n" + VALID_FORMS)
+    return 0
+
+
+def _lazy(modname, fn):
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(f"lowbit.{modname}"), fn)(args)
+
+    return run
+
+
+_COMMANDS = {
+    "schemes": cmd_schemes,
+    "demo": _lazy("commands", "cmd_demo"),
+    "quantize": _lazy("commands", "cmd_quantize"),
+    "eval": _lazy("commands", "cmd_eval"),
+}

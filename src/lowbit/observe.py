@@ -1,0 +1,141 @@
+"""Scale and zero-point selection.
+
+Tensors are viewed as [rows, groups, group_len] (NaN-padded when the last group is
+short, so a ragged last group is handled exactly: NaNs never enter a min, max,
+percentile or error sum). Scales come out as [rows, groups] float32 already rounded
+to the dtype they will be stored in, so what is searched is what is stored.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .formats import NumberFormat
+from .scheme import Scheme
+
+# MSE clipping search: shrink factors 1.00, 0.99, ..., 0.21 of the absmax/minmax range.
+MSE_GRID = tuple(1.0 - 0.01 * i for i in range(80))
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def as_2d(x: torch.Tensor) -> torch.Tensor:
+    """Reduction runs along the last dim; everything before it is rows."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def num_groups(scheme: Scheme, rows: int, cols: int) -> tuple[int, int]:
+    """(scale rows, scale columns) for a [rows, cols] tensor."""
+    if scheme.granularity == "tensor":
+        return 1, 1
+    if scheme.granularity in ("channel", "token"):
+        return rows, 1
+    return rows, math.ceil(cols / scheme.group_size)
+
+
+def group_view(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """[rows, cols] -> [scale rows, groups, group_len], NaN-padded at the end of each row."""
+    rows, cols = x.shape
+    if scheme.granularity == "tensor":
+        return x.reshape(1, 1, rows * cols)
+    if scheme.granularity in ("channel", "token"):
+        return x.reshape(rows, 1, cols)
+    g = scheme.group_size
+    ng = math.ceil(cols / g)
+    pad = ng * g - cols
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=float("nan"))
+    return x.reshape(rows, ng, g)
+
+
+def ungroup(xg: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of group_view."""
+    return xg.reshape(rows, -1)[:, :cols] if xg.shape[0] == rows else xg.reshape(rows, cols)
+
+
+def round_scale(scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Round scales to what is stored: fp16/bf16/fp32, or a power of two (E8M0)."""
+    if scheme.scale_dtype == "e8m0":
+        return torch.exp2(e8m0_exponent(scale, scheme.number_format).float() - 127)
+    dt = _DTYPES[scheme.scale_dtype]
+    tiny = torch.finfo(dt).tiny
+    return scale.clamp(min=tiny).to(dt).to(torch.float32)
+
+
+def e8m0_exponent(amax_scale: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """OCP MX shared scale: 2^(floor(log2(amax)) - emax_elem), stored as a biased uint8.
+
+    `amax_scale` is amax / max_value; we recover amax to follow the spec exactly.
+    """
+    amax = amax_scale * fmt.max_value
+    e = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - fmt.emax
+    return (e.clamp(-127, 127) + 127).to(torch.uint8)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
+    """Scale (and integer zero point for affine) covering [lo, hi] exactly."""
+    fmt = scheme.number_format
+    if fmt.kind == "int" and not scheme.symmetric:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly representable
+        qmax = (1 << fmt.bits) - 1
+        scale = (hi - lo) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = round_scale(scale, scheme)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        return scale, zero
+    amax = torch.maximum(lo.abs(), hi.abs())
+    top = (1 << (fmt.bits - 1)) - 1 if fmt.kind == "int" else fmt.max_value
+    scale = amax / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return round_scale(scale, scheme), None
+
+
+def fake_quant_grouped(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Quantize-dequantize a grouped view with given per-group scales."""
+    fmt = scheme.number_format
+    s = scale.unsqueeze(-1)
+    z = zero.unsqueeze(-1) if zero is not None else None
+    codes = fmt.encode(xg / s, scheme.symmetric, z)
+    q = fmt.decode(codes, scheme.symmetric)
+    if z is not None:
+        q = q - z
+    return q * s
+
+
+def choose_qparams(x: torch.Tensor, scheme: Scheme):
+    """Scales [R, G] (float32, stored precision) and zero points (float32 integers) or None."""
+    x = as_2d(x).to(torch.float32)
+    xg = group_view(x, scheme)
+    if scheme.scale_method == "percentile":
+        q = scheme.percentile / 100.0
+        if scheme.symmetric:
+            hi = torch.nanquantile(xg.abs(), q, dim=-1)
+            lo = -hi
+        else:
+            hi = torch.nanquantile(xg, q, dim=-1)
+            lo = torch.nanquantile(xg, 1.0 - q, dim=-1)
+        return qparams_from_range(lo, hi, scheme)
+    lo = torch.where(torch.isnan(xg), torch.inf, xg).amin(-1)
+    hi = torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1)
+    if scheme.scale_method == "absmax":
+        return qparams_from_range(lo, hi, scheme)
+    return mse_search(xg, lo, hi, scheme)
+
+
+def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
+    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least squared error.
+
+    p = 1 is the absmax/minmax choice, so the result is never worse than absmax.
+    """
+    best_err = torch.full(lo.shape, torch.inf)
+    best_scale = torch.zeros_like(lo)
+    best_zero = torch.zeros_like(lo) if not scheme.symmetric and scheme.number_format.kind == "int" else None
+    for p in MSE_GRID:
+        scale, zero = qparams_from_range(lo * p, hi * p, scheme)
+        err = (fake_quant_grouped(xg, scale, zero, scheme) - xg).pow(2).nansum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if best_zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
