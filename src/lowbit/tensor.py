@@ -46,10 +46,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of pack_codes: flat uint8 stream -> flat uint8 codes (numel of them)."""
     if bits == 8:
         return packed[:numel]
-    b = packed.to(torch.int64)
+    if bits in (1, 2, 4):  # codes never straddle a byte: shift within uint8
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+    wide = torch.int32 if bits <= 3 else torch.int64  # 8 codes = 8*bits bits per word
+    b = packed.to(wide)
     b = torch.nn.functional.pad(b, (0, (-b.numel()) % bits)).reshape(-1, bits)
-    words = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    words = (b << (torch.arange(bits, dtype=wide) * 8)).sum(-1, dtype=wide)
+    shifts = torch.arange(8, dtype=wide) * bits
     codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
 

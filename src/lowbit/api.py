@@ -1,0 +1,56 @@
+"""The Python API: lowbit.load() and lowbit.quantize()."""
+from __future__ import annotations
+
+import torch
+
+from .data import check_text_source, text_windows
+from .errors import UserError
+from .models.load import load_float, resolve_source
+from .pipeline import GPTQOptions, QuantizeResult, quantize_model
+from .runtime import load_quantized, save_quantized
+from .scheme import Recipe, Scheme
+
+
+def load(source: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) ready to run: float for a checkpoint/GGUF/embedded name,
+    with QuantLinear modules in place for a lowbit output directory."""
+    kind, path = resolve_source(source)
+    if kind == "lowbit":
+        model, tok, _ = load_quantized(path, dtype)
+        return model, tok
+    return load_float(source, dtype)
+
+
+def make_recipe(scheme: str | Scheme, method: str = "gptq", include: list[str] | None = None,
+                exclude: list[str] | None = None) -> Recipe:
+    recipe = Recipe(scheme=Scheme.parse(scheme), method=method)
+    if include:
+        recipe.include = list(include)
+    if exclude is not None:
+        recipe.exclude = list(exclude)
+    if recipe.scheme.activations is not None:
+        raise UserError(f"{recipe.scheme.name} quantizes activations; this version runs weight-only schemes "
+                        "(w{{2..8}}a16[-gG], nf4, mxfp4, ...)")
+    return recipe
+
+
+def quantize(model: str, scheme: str | Scheme = "w4a16-g64", method: str = "gptq", *, calib: str = "wiki",
+             text_field: str = "text", samples: int = 128, seq_len: int = 512, seed: int = 0,
+             out: str | None = None, include: list[str] | None = None, exclude: list[str] | None = None,
+             gptq_options: GPTQOptions | None = None, progress: bool = True) -> QuantizeResult:
+    """Quantize a model source; save it to `out` if given. Returns the QuantizeResult
+    (its .model is ready to run, .info has the recipe, bytes and timing)."""
+    recipe = make_recipe(scheme, method, include, exclude)
+    if method != "rtn":
+        check_text_source(calib)
+    torch.manual_seed(seed)
+    fmodel, tok = load_float(model)
+    calib_ids = None
+    if method != "rtn":
+        calib_ids, _ = text_windows(tok, calib, text_field, seq_len, calib_samples=samples, seed=seed)
+    res = quantize_model(fmodel, recipe, calib_ids, gptq_options=gptq_options, progress=progress)
+    res.info.update({"source": model, "calib": calib if method != "rtn" else None, "seed": seed})
+    res.tokenizer = tok
+    if out:
+        save_quantized(res.model, tok, out, res.info)
+    return res

@@ -1,0 +1,66 @@
+"""Quantize one model several ways and measure each against its float original."""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+
+import torch
+
+from .api import make_recipe
+from .data import text_windows
+from .evaluate import evaluate_many
+from .models.load import load_float
+from .pipeline import quantize_model
+from .runtime import model_bytes
+
+
+def compare(source: str = "smollm2-135m", variants: list[tuple[str, str]] = (), *, text: str = "wiki",
+            samples: int = 128, seq_len: int = 512, max_windows: int = 64, seed: int = 0,
+            progress: bool = True) -> dict:
+    """variants: (method, scheme) pairs. Returns {'rows': [...], ...} with the float row first.
+
+    Calibration windows come from the first half of the text, evaluation windows
+    from the second; every variant is scored against the float model in one pass.
+    """
+    t0 = time.time()
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+    base, tok = load_float(source)
+    needs_calib = any(m != "rtn" for m, _ in variants)
+    calib, windows = text_windows(tok, text, "text", seq_len, calib_samples=samples if needs_calib else None,
+                                  eval_max=max_windows, seed=seed)
+    rows = [{"method": "float", "scheme": "fp16 storage", "seconds": 0.0, **_bytes(base)}]
+    models = {}
+    for method, scheme in variants:
+        recipe = make_recipe(scheme, method)
+        log(f"{method} {recipe.scheme.name} ...")
+        torch.manual_seed(seed)
+        res = quantize_model(copy.deepcopy(base), recipe, calib if method != "rtn" else None, progress=progress)
+        models[f"{method} {recipe.scheme.name}"] = res.model
+        rows.append({"method": method, "scheme": recipe.scheme.name, "seconds": res.seconds, **_bytes(res.model)})
+    log("evaluating against the float model ...")
+    metrics = evaluate_many({"float": base, **models}, windows, base, progress=progress)
+    for row, m in zip(rows, metrics.values()):
+        row.update(m)
+    return {
+        "model": source, "text": text,
+        "calibration": None if calib is None else {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+        "evaluation": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])},
+        "threads": torch.get_num_threads(), "total_seconds": time.time() - t0, "rows": rows,
+    }
+
+
+def _bytes(model) -> dict:
+    b = model_bytes(model, torch.float16)
+    return {"model_bytes": b["total_bytes"], "quantized_bytes": b["quantized_bytes"]}
+
+
+def format_quality_table(rows: list[dict]) -> str:
+    head = f"{'method':8s} {'scheme':20s} {'ppl':>8s} {'KL':>8s} {'top-1':>7s} {'MB':>7s} {'quant s':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        kl = "-" if r.get("kl_divergence") is None else f"{r['kl_divergence']:.4f}"
+        agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.1f}%"
+        lines.append(f"{r['method']:8s} {r['scheme']:20s} {r['perplexity']:8.3f} {kl:>8s} {agree:>7s} "
+                     f"{r['model_bytes'] / 1e6:7.1f} {r['seconds']:8.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Where the decoder blocks and their Linear layers sit, per architecture family."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+# (attribute path of the block list, families that use it)
+LAYER_PATHS = (
+    ("model.layers", "Llama, Qwen2, Mistral, Gemma, Phi-3"),
+    ("model.decoder.layers", "OPT"),
+    ("transformer.h", "GPT-2, GPT-J, Falcon"),
+    ("gpt_neox.layers", "GPT-NeoX, Pythia"),
+)
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(prefix, blocks) of a decoder-only causal LM, or a clear error."""
+    for path, _ in LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path, layers
+    expected = "; ".join(f"{p} ({fam})" for p, fam in LAYER_PATHS)
+    raise UserError(f"unsupported architecture {type(model).__name__}: cannot find its decoder blocks; expected one of: {expected}")
+
+
+def is_linear(m: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a Linear with a transposed weight)."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """The weight in nn.Linear layout [out_features, in_features]."""
+    return m.weight.t() if type(m).__name__ == "Conv1D" else m.weight
+
+
+def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
+    w = w.t() if type(m).__name__ == "Conv1D" else w
+    m.weight.data.copy_(w.to(m.weight.dtype))
+
+
+def linear_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers of one block, by name relative to the block, in execution order."""
+    found = {n: m for n, m in block.named_modules() if n and is_linear(m)}
+    if not found:
+        raise UserError(f"block {type(block).__name__} holds no nn.Linear layers; lowbit quantizes Linear weights")
+    return found

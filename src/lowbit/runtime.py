@@ -1,0 +1,180 @@
+"""QuantLinear modules in place of nn.Linear, and saving/loading quantized models.
+
+The reference path dequantizes the weight where it is used and multiplies in the
+activation dtype. Faster kernels are dispatch choices made here, held to this path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .tensor import QuantizedTensor
+
+FORMAT_VERSION = 1
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is a QuantizedTensor ([out_features, in_features])."""
+
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.scheme = qweight.scheme
+        # buffers, so .to(device) and state_dict() carry the packed data itself
+        self.register_buffer("codes", qweight.codes)
+        self.register_buffer("scale", qweight.scale)
+        self.register_buffer("zero_point", qweight.zero_point)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        return QuantizedTensor(self.codes, self.scale, self.zero_point, (self.out_features, self.in_features), self.scheme)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight.dequantize(x.dtype)
+        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def install(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> nn.Module:
+    """Swap each named Linear (or GPT-2 Conv1D) for a QuantLinear holding its QuantizedTensor."""
+    for name, qt in qtensors.items():
+        old = model.get_submodule(name)
+        bias = getattr(old, "bias", None)
+        replace_module(model, name, QuantLinear(qt, bias.float() if bias is not None else None))
+    return model
+
+
+# ---- persistence --------------------------------------------------------------
+
+QUANT_BUFFERS = ("codes", "scale", "zero_point")
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything but QuantLinear packed buffers (biases included), tied tensors stored once."""
+    skip = {f"{n}.{b}" for n in quantized_modules(model) for b in QUANT_BUFFERS}
+    out, seen = {}, {}
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        key = (t.data_ptr(), t.shape, t.dtype)
+        if t.numel() and key in seen:  # tied (e.g. lm_head = embed_tokens): keep one copy
+            continue
+        seen[key] = name
+        out[name] = t
+    return out
+
+
+def round_float_parts(model: nn.Module, float_dtype: torch.dtype) -> None:
+    """Round float parts (embeddings, norms, biases) to the dtype they will be stored in,
+    so the model in memory computes exactly what a reload of the saved one computes."""
+    for t in float_state(model).values():
+        if t.is_floating_point():
+            t.data.copy_(t.data.to(float_dtype).to(t.dtype))
+
+
+def model_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> dict:
+    """Bytes a saved model holds: quantized tensors (codes+scales+zeros) and float parts."""
+    q = sum(m.qweight.nbytes for m in quantized_modules(model).values())
+    f = sum(t.numel() * (float_dtype.itemsize if float_dtype and t.is_floating_point() else t.element_size())
+            for t in float_state(model).values())
+    return {"quantized_bytes": q, "float_bytes": f, "total_bytes": q + f}
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict,
+                   float_dtype: torch.dtype = torch.float16) -> Path:
+    """Write config.json, tokenizer, model.safetensors and lowbit.json; the directory appears atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not (out / "lowbit.json").is_file() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a lowbit output; choose an empty or new --out")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors, modules = {}, {}
+        for name, m in quantized_modules(model).items():
+            qt = m.qweight
+            tensors.update(qt.tensors(prefix=f"{name}.qweight."))
+            modules[name] = qt.meta()
+        fstate = float_state(model)
+        tensors.update({k: (v.to(float_dtype) if v.is_floating_point() else v).contiguous() for k, v in fstate.items()})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "lowbit"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {"format": "lowbit", "version": FORMAT_VERSION, "modules": modules,
+                "float_dtype": str(float_dtype).removeprefix("torch."), **info}
+        (tmp / "lowbit.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, lowbit.json) from a lowbit output directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from .io import read_safetensors
+    from .models.load import read_lowbit_config
+
+    path = Path(path)
+    meta = read_lowbit_config(path)
+    if meta.get("format") != "lowbit" or meta.get("version") != FORMAT_VERSION:
+        raise UserError(f"{path}: lowbit.json says format {meta.get('format')!r} version {meta.get('version')!r}; this lowbit reads version {FORMAT_VERSION}")
+    tensors, _ = read_safetensors(path / "model.safetensors")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    qts = {}
+    for name, m in meta["modules"].items():
+        prefix = f"{name}.qweight."
+        try:
+            qts[name] = QuantizedTensor.from_tensors(tensors, m, prefix=prefix)
+        except KeyError as e:
+            raise UserError(f"{path}: model.safetensors lacks {e.args[0]} listed in lowbit.json") from None
+        for k in list(tensors):
+            if k.startswith(prefix):
+                del tensors[k]
+    install(model, qts)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    missing = [k for k in missing if not _is_tied_or_quant(model, k)]
+    if missing or unexpected:
+        raise UserError(f"{path}: tensors do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.eval()
+    tok = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tok, meta
+
+
+def _is_tied_or_quant(model, key: str) -> bool:
+    if key.rpartition(".")[2] in QUANT_BUFFERS:
+        return True
+    return getattr(model.config, "tie_word_embeddings", False) and key.startswith("lm_head.")

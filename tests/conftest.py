@@ -1,0 +1,29 @@
+import copy
+
+import pytest
+import torch
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M in float (converted once into the user cache)."""
+    from lowbit.models import load_float
+
+    model, tok = load_float("smollm2-135m")
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def wiki_windows(embedded):
+    """Small calibration (16 x 256) and held-out evaluation (8 x 256) windows."""
+    from lowbit.data import text_windows
+
+    _, tok = embedded
+    return text_windows(tok, "wiki", "text", 256, calib_samples=16, eval_max=8, seed=0)
+
+
+@pytest.fixture
+def fresh_model(embedded):
+    return copy.deepcopy(embedded[0])
