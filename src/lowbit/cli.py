@@ -60,6 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=64, help="evaluation windows (default: 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("plan", help="memory, GPUs, fleet and roofline speed for a deployment")
+    p.add_argument("model", metavar="MODEL_OR_CONFIG", help="HF directory or config.json, .gguf file, lowbit output, or a parameter count (e.g. 8e9) with --layers/--hidden/--heads")
+    p.add_argument("--scheme", default=None, help="weight scheme (default: the lowbit output's own, else fp16)")
+    p.add_argument("--kv-dtype", default="fp16", choices=["fp16", "bf16", "fp8", "int8"])
+    p.add_argument("--batch", type=int, default=8, help="concurrent sequences per replica (default: 8)")
+    p.add_argument("--seq-len", type=int, default=8192, help="context length per sequence (default: 8192)")
+    p.add_argument("--gpu", default="h100-sxm", help="device name (see --list-devices; default: h100-sxm)")
+    p.add_argument("--devices", help="JSON file of extra devices (same keys as the catalog)")
+    p.add_argument("--headroom", type=float, default=0.3, help="fraction of device memory kept free (default: 0.3)")
+    p.add_argument("--max-gpus", type=int, default=8, help="most GPUs one replica may span (default: 8)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--replicas", type=int, help="replicas in the fleet")
+    g.add_argument("--target-tokens-per-s", type=float, help="size the fleet for this aggregate decode throughput")
+    p.add_argument("--compare", default=None, help="comma-separated schemes for a decision matrix (e.g. w8a16,fp8,w4a16-g128)")
+    p.add_argument("--quality", help="a benchmarks/quality.py JSON: attach measured perplexity increases to the matrix")
+    for flag in ("layers", "hidden", "heads", "kv-heads", "head-dim", "intermediate", "vocab"):
+        p.add_argument(f"--{flag}", type=int, help=f"architecture: {flag} (for a parameter-count MODEL)")
+    p.add_argument("--list-devices", action="store_true", help="print the device catalog with sources and exit")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("schemes", help="list scheme presets and the name grammar")
     p.add_argument("--json", action="store_true")
     return ap
@@ -111,4 +131,5 @@ _COMMANDS = {
     "demo": _lazy("commands", "cmd_demo"),
     "quantize": _lazy("commands", "cmd_quantize"),
     "eval": _lazy("commands", "cmd_eval"),
+    "plan": _lazy("commands", "cmd_plan"),
 }

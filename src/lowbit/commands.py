@@ -77,4 +77,79 @@ def cmd_demo(args) -> int:
     return 0
 
 
-__all__ = ["cmd_demo", "cmd_eval", "cmd_quantize"]
+def _param_count(text: str) -> int | None:
+    t = text.strip().lower()
+    mult = {"b": 1e9, "m": 1e6, "t": 1e12}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if t[-1:] in "bmt" else t) * mult)
+    except ValueError:
+        return None
+
+
+def cmd_plan(args) -> int:
+    from .errors import UserError
+    from .hardware import get_device, load_catalog
+    from .plan import Arch, PlanInput, decision_matrix, format_plan, plan, read_model
+    from .scheme import Scheme
+
+    catalog = load_catalog(args.devices)
+    if args.list_devices:
+        for d in catalog.values():
+            print(f"{d.name:22s} {d.memory_gb:6.0f} GB {d.bandwidth_gb_s:7.0f} GB/s bf16 {d.bf16_tflops:7.1f} TF "
+                  f"fp8 {d.fp8_tflops or '-'!s:>7} int8 {d.int8_tops or '-'!s:>7}  [{d.source}]")
+        return 0
+    if not 0 <= args.headroom < 1:
+        raise UserError(f"--headroom {args.headroom}: give a fraction in [0, 1)")
+    params = _param_count(args.model)
+    recipe = None
+    if params is not None and not args.model.endswith((".json", ".gguf")):
+        if not (args.layers and args.hidden and args.heads):
+            raise UserError("a parameter-count MODEL needs --layers, --hidden and --heads (for the KV cache and scales)")
+        arch = Arch(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads or args.heads,
+                    head_dim=args.head_dim or args.hidden // args.heads, intermediate=args.intermediate or 4 * args.hidden,
+                    vocab=args.vocab or 32000, name=f"{params / 1e9:g}B", params_override=params)
+    else:
+        arch, recipe = read_model(args.model)
+    scheme = Scheme.parse(args.scheme) if args.scheme else None
+    if scheme is not None:
+        recipe = None  # an explicit --scheme replaces the saved recipe
+    inp = PlanInput(arch=arch, scheme=scheme, recipe=recipe, device=get_device(args.gpu, catalog), batch=args.batch,
+                    seq_len=args.seq_len, kv_dtype=args.kv_dtype, headroom=args.headroom, replicas=args.replicas,
+                    target_tokens_per_s=args.target_tokens_per_s, max_gpus_per_replica=args.max_gpus)
+    p = plan(inp)
+    out = p.to_dict()
+    if args.compare:
+        quality = _measured_quality(args.quality) if args.quality else None
+        out["decision_matrix"] = decision_matrix(inp, [s.strip() for s in args.compare.split(",") if s.strip()], quality)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(format_plan(p))
+    if args.compare:
+        print(f"\n{'scheme':14s} {'GB':>8s} {'GPUs':>5s} {'fits':>5s} {'decode tok/s':>13s} {'decode/GPU x':>13s} "
+              f"{'prefill/GPU x':>14s} {'ppl +%':>7s}")
+        for r in out["decision_matrix"]:
+            q = "-" if r["measured_ppl_increase_percent"] is None else f"{r['measured_ppl_increase_percent']:.1f}"
+            print(f"{r['scheme']:14s} {r['total_gb']:8.2f} {r['gpus_per_replica']:5d} {str(r['fits']):>5s} "
+                  f"{r['decode_tokens_per_s']:13.0f} {r['decode_speedup']:13.2f} {r['prefill_speedup']:14.2f} {q:>7s}"
+                  + ("" if r["native"] else "  (format not native here)"))
+    return 0
+
+
+def _measured_quality(path: str) -> dict:
+    """{scheme name: best measured perplexity increase in %} from a quality benchmark JSON."""
+    from .errors import UserError
+
+    try:
+        rows = json.loads(open(path).read())["rows"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a benchmarks/quality.py JSON ({e})") from None
+    base = next(r["perplexity"] for r in rows if r["method"] == "float")
+    out = {}
+    for r in rows[1:]:
+        inc = 100 * (r["perplexity"] / base - 1)
+        out[r["scheme"]] = min(inc, out.get(r["scheme"], inc))
+    return out
+
+
+__all__ = ["cmd_demo", "cmd_eval", "cmd_plan", "cmd_quantize"]
