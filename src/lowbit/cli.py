@@ -13,7 +13,9 @@ from .errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors: one line, exit 2
-        self.exit(2, f"lowbit: error: {message} (see 'lowbit {self.prog.split()[-1]} --help')\n")
+        cmd = self.prog.split()[-1]
+        hint = "lowbit --help" if cmd == "lowbit" else f"lowbit {cmd} --help"
+        self.exit(2, f"lowbit: error: {message} (see '{hint}')\n")
 
 
 def _add_model_source(p):
@@ -30,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="lowbit", description="Quantize LLMs and measure what it buys and costs. "
                  "Start with 'lowbit demo' (quantizes the embedded SmolLM2-135M and prints a quality table).")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    # --quiet is accepted after the subcommand too; SUPPRESS keeps the top-level value otherwise
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add(*a, parents=[common], **kw)
 
     p = sub.add_parser("demo", help="quantize the embedded model with RTN and GPTQ at W4/W3-g64 and print a quality table")
     p.add_argument("--samples", type=int, default=32, help="calibration windows (default: 32)")
@@ -79,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", type=int, help=f"architecture: {flag} (for a parameter-count MODEL)")
     p.add_argument("--list-devices", action="store_true", help="print the device catalog with sources and exit")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="decode/prefill speed, quantized vs float, and GEMV kernels vs the memory roof")
+    _add_model_source(p)
+    p.add_argument("--scheme", default="w4a16-g64,w8a16", help="comma-separated schemes to time (default: w4a16-g64,w8a16)")
+    p.add_argument("--lm-head", default="int8", choices=["int8", "float"], help="output projection: int8 per channel or bf16 (default: int8)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to decode (default: 64)")
+    p.add_argument("--prompt-lens", default="32,128", help="prefill lengths (default: 32,128)")
+    p.add_argument("--no-micro", action="store_true", help="skip the GEMV microbenchmarks")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="greedy generation with a static KV cache, and where the time goes")
+    _add_model_source(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="activation dtype (bf16: packed kernels; fp32: reference path) (default: bfloat16)")
 
     p = sub.add_parser("schemes", help="list scheme presets and the name grammar")
     p.add_argument("--json", action="store_true")
@@ -132,4 +155,6 @@ _COMMANDS = {
     "quantize": _lazy("commands", "cmd_quantize"),
     "eval": _lazy("commands", "cmd_eval"),
     "plan": _lazy("commands", "cmd_plan"),
+    "bench": _lazy("commands", "cmd_bench"),
+    "generate": _lazy("commands", "cmd_generate"),
 }

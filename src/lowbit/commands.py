@@ -152,4 +152,66 @@ def _measured_quality(path: str) -> dict:
     return out
 
 
-__all__ = ["cmd_demo", "cmd_eval", "cmd_plan", "cmd_quantize"]
+def cmd_bench(args) -> int:
+    from .bench import copy_bandwidth, end_to_end, gemv_bench, speed_variants
+
+    progress = _progress(args)
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+    schemes = [s.strip() for s in args.scheme.split(",") if s.strip()]
+    for s in schemes:
+        make_recipe(s, "rtn")
+    lens = [int(n) for n in args.prompt_lens.split(",") if n.strip()]
+    log(f"measuring copy bandwidth ({torch.get_num_threads()} threads) ...")
+    roof = copy_bandwidth()
+    _, tok = load(args.model)
+    log("building variants ...")
+    models = speed_variants(args.model, schemes, args.lm_head)
+    log("decode / prefill ...")
+    e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=lens)
+    res = {"threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e}
+    if not args.no_micro:
+        log("GEMV microbenchmarks (weights rotated through 256 MiB) ...")
+        res["gemv"] = gemv_bench([(4096, 4096)], roof)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(format_speed(res))
+    return 0
+
+
+def format_speed(res: dict) -> str:
+    v = res["variants"]
+    base = v.get("fp32", next(iter(v.values())))["decode_tokens_per_s"]
+    lens = list(next(iter(v.values()))["prefill_tokens_per_s_by_len"])
+    lines = [f"copy bandwidth roof: {res['roof_gb_per_s']:.1f} GB/s ({res['threads']} threads)", "",
+             f"{'variant':28s} {'decode tok/s':>12s} {'vs fp32':>8s} {'linears':>8s} " + " ".join(f"{'prefill ' + n:>13s}" for n in lens)]
+    for name, r in v.items():
+        lines.append(f"{name:28s} {r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base:7.2f}x "
+                     f"{100 * r['decode_linear_fraction']:7.0f}% " + " ".join(f"{r['prefill_tokens_per_s_by_len'][n]:13.0f}" for n in lens))
+    if "gemv" in res:
+        lines += ["", f"{'GEMV (batch 1)':44s} {'us':>9s} {'GB/s':>7s} {'% roof':>7s}"]
+        for g in res["gemv"]:
+            lines.append(f"{g['variant'] + ' ' + 'x'.join(map(str, g['shape'])):44s} {g['us_per_call']:9.1f} "
+                         f"{g['gb_per_s']:7.1f} {g['percent_of_roof']:6.0f}%")
+    return "\n".join(lines)
+
+
+def cmd_generate(args) -> int:
+    from .bench import generate
+
+    dtype = getattr(torch, args.dtype)
+    model, tok = load(args.model, dtype)
+    model.set_attn_implementation("eager")
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    g = generate(model, ids, args.max_new_tokens, time_linears=True)
+    print(args.prompt + tok.decode(g["tokens"][0]))
+    if _progress(args):
+        lin = g.get("decode_linear_seconds", 0.0)
+        print(f"\nprefill {ids.shape[1]} tokens: {g['prefill_seconds'] * 1e3:.0f} ms; decode {g['decode_tokens']} tokens: "
+              f"{g['decode_tokens_per_s']:.1f} tok/s ({1e3 * g['decode_seconds'] / max(g['decode_tokens'], 1):.1f} ms/token; "
+              f"Linears {100 * lin / g['decode_seconds']:.0f}%, everything else {100 - 100 * lin / g['decode_seconds']:.0f}%)",
+              file=sys.stderr)
+    return 0
+
+
+__all__ = ["cmd_bench", "cmd_demo", "cmd_eval", "cmd_generate", "cmd_plan", "cmd_quantize"]

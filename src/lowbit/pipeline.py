@@ -12,7 +12,7 @@ from .algorithms.rtn import rtn
 from .errors import UserError
 from .models.adapters import is_linear
 from .models.runner import run_sequential
-from .runtime import install, model_bytes, round_float_parts
+from .runtime import QuantLinear, install, model_bytes, round_float_parts
 from .scheme import Recipe, Scheme
 from .tensor import QuantizedTensor
 
@@ -71,6 +71,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
     qts = run_sequential(model, targets, fn, calib=calib, batch_size=batch_size, progress=progress,
                          desc=f"{recipe.method} {recipe.scheme.name}")
     install(model, qts)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None and isinstance(out_emb, QuantLinear) and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the input embedding stays a float table; the head is now its own tensor
     round_float_parts(model, float_dtype)
     seconds = time.time() - t0
     info = {"recipe": recipe.to_dict(), "seconds": seconds, "bytes": model_bytes(model, float_dtype),

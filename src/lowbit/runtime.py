@@ -21,29 +21,75 @@ from .tensor import QuantizedTensor
 FORMAT_VERSION = 1
 
 
+# Which path QuantLinear takes: "auto" uses a packed kernel for bf16/fp16 activations
+# (the deployment dtypes) and the reference path for fp32 (exact numerics, used when
+# measuring quality); "reference" forces dequantize-then-matmul everywhere.
+KERNEL_POLICIES = ("auto", "reference")
+
+
 class QuantLinear(nn.Module):
     """A Linear whose weight is a QuantizedTensor ([out_features, in_features])."""
+
+    policy = "auto"
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.scheme = qweight.scheme
-        # buffers, so .to(device) and state_dict() carry the packed data itself
+        # buffers, so .to(device) and state_dict() carry the packed data itself. Scales are
+        # kept as their integer bit pattern: model.to(torch.bfloat16) must not re-round them.
         self.register_buffer("codes", qweight.codes)
-        self.register_buffer("scale", qweight.scale)
+        self.register_buffer("scale", _scale_bits(qweight.scale))
         self.register_buffer("zero_point", qweight.zero_point)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @property
     def qweight(self) -> QuantizedTensor:
-        return QuantizedTensor(self.codes, self.scale, self.zero_point, (self.out_features, self.in_features), self.scheme)
+        scale = self.scale if self.scheme.scale_dtype == "e8m0" else self.scale.view(_SCALE_DTYPES[self.scheme.scale_dtype])
+        return QuantizedTensor(self.codes, scale, self.zero_point, (self.out_features, self.in_features), self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.policy == "auto" and x.dtype in (torch.bfloat16, torch.float16):
+            kernel, state = self._kernel_state(x.dtype, x.device)
+            if kernel is not None:
+                y = kernel.run(x, state)
+                return y + bias if bias is not None else y
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize the whole weight, then multiply: the numerics every kernel is held to."""
         w = self.qweight.dequantize(x.dtype)
         return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
 
+    def _kernel_state(self, dtype: torch.dtype, device: torch.device):
+        """(kernel, its prepared weights) for this activation dtype/device, converted once."""
+        from .kernels import select
+
+        cache = self.__dict__.setdefault("_kernels", {})
+        key = (dtype, device)
+        if key not in cache:
+            qt = self.qweight
+            k = select(qt, dtype, device)
+            cache[key] = (k, k.prepare(qt, dtype) if k is not None else None)
+        return cache[key]
+
+    @property
+    def kernel_name(self) -> str:
+        """The path a bf16 forward on this device takes (for reports)."""
+        k, _ = self._kernel_state(torch.bfloat16, self.codes.device)
+        return k.name if k is not None else "reference"
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def _scale_bits(scale: torch.Tensor) -> torch.Tensor:
+    return scale.view(_BITS[scale.dtype]) if scale.is_floating_point() else scale
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,0 +1,215 @@
+"""Speed, measured against the memory roof of the machine it runs on.
+
+- roof: a STREAM-like copy (read + write bytes / time) over arrays far larger than
+  the last-level cache, with the same thread count as everything else;
+- GEMV microbenchmarks: y = x W^T for each path (float dtypes, packed kernels, and
+  the naive dequantize-whole-weight-then-multiply path), weights rotated through
+  enough copies that none stays in cache; reported as GB/s of stored weight bytes
+  and % of the roof;
+- end-to-end: decode tokens/s at batch 1 with a static KV cache, prefill tokens/s
+  at several prompt lengths, and where decode time goes (Linears vs the rest).
+All ratios come from one run on one machine.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .runtime import QuantLinear
+
+LLC_BYTES = 256 * 2**20  # rotate through at least this much weight data (well past any L3 here)
+
+
+def _best(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]  # median: robust to a stray scheduler hiccup
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 7) -> float:
+    """STREAM 'copy' bandwidth in GB/s (bytes read + bytes written)."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    b = torch.empty_like(a)
+    t = _best(lambda: b.copy_(a), repeat)
+    return 2 * nbytes / t / 1e9
+
+
+def gemv_variants(n: int, k: int, group_size: int = 128, seed: int = 0) -> dict[str, tuple[Callable, int, Callable]]:
+    """name -> (make_state() for one weight copy, stored weight bytes, run(x, state))."""
+    from .kernels.cpu import KERNELS
+    from .tensor import quantize_tensor
+
+    g = torch.Generator().manual_seed(seed)
+
+    def w():
+        return torch.randn(n, k, generator=g) * 0.02
+
+    out = {}
+    for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        out[tag] = (lambda dt=dt: w().to(dt), n * k * dt.itemsize, lambda x, st, dt=dt: torch.nn.functional.linear(x.to(dt), st))
+    kernels = {k_.name: k_ for k_ in KERNELS}
+    for scheme, kname in ((f"int4-g{group_size}", "int4pack"), ("int8-channel", "int8pack")):
+        qt0 = quantize_tensor(w(), scheme)
+
+        def make(scheme=scheme, kname=kname):
+            return kernels[kname].prepare(quantize_tensor(w(), scheme), torch.bfloat16)
+
+        out[f"{scheme} {kname} bf16"] = (make, qt0.nbytes, lambda x, st, kname=kname: kernels[kname].run(x.to(torch.bfloat16), st))
+    qt0 = quantize_tensor(w(), f"int4-g{group_size}")
+    out[f"int4-g{group_size} naive dequant+matmul bf16"] = (
+        lambda: quantize_tensor(w(), f"int4-g{group_size}"), qt0.nbytes,
+        lambda x, qt: torch.nn.functional.linear(x.to(torch.bfloat16), qt.dequantize(torch.bfloat16)))
+    return out
+
+
+def gemv_bench(shapes: list[tuple[int, int]], roof_gb_s: float, batch: int = 1, group_size: int = 128,
+               min_bytes: int = LLC_BYTES, variants: list[str] | None = None) -> list[dict]:
+    """Per (shape, variant): seconds per GEMV over cache-cold weights, GB/s, % of roof."""
+    rows = []
+    for n, k in shapes:
+        for name, (make, nbytes, run) in gemv_variants(n, k, group_size).items():
+            if variants and not any(v in name for v in variants):
+                continue
+            copies = max(2, -(-min_bytes // nbytes))
+            if "naive" in name:
+                copies = 2  # compute-bound anyway; the cache cannot help it
+            states = [make() for _ in range(copies)]
+            x = torch.randn(batch, k)
+            i = [0]
+
+            def step():
+                run(x, states[i[0] % copies])
+                i[0] += 1
+
+            t = _best(lambda: [step() for _ in range(copies)], repeat=5, warmup=1) / copies
+            rows.append({"shape": [n, k], "variant": name, "batch": batch, "weight_bytes": nbytes,
+                         "us_per_call": t * 1e6, "gb_per_s": nbytes / t / 1e9,
+                         "percent_of_roof": 100 * nbytes / t / 1e9 / roof_gb_s})
+            del states
+    return rows
+
+
+class LinearTimer:
+    """Wall time spent inside Linear / QuantLinear forwards (CPU ops are synchronous)."""
+
+    def __init__(self, model: nn.Module):
+        self.seconds = 0.0
+        self._t = {}
+        self.handles = []
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, QuantLinear)):
+                self.handles.append(m.register_forward_pre_hook(self._pre))
+                self.handles.append(m.register_forward_hook(self._post))
+
+    def _pre(self, mod, _inp):
+        self._t[id(mod)] = time.perf_counter()
+
+    def _post(self, mod, _inp, _out):
+        self.seconds += time.perf_counter() - self._t.pop(id(mod))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, time_linears: bool = False) -> dict:
+    """Greedy decode with a static KV cache. Returns tokens and timings."""
+    from transformers import StaticCache
+
+    prompt_len = input_ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+    timer = LinearTimer(model) if time_linears else None
+    t0 = time.perf_counter()
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt_len))
+    nxt = out.logits[:, -1:].argmax(-1)
+    t_prefill = time.perf_counter() - t0
+    lin_prefill = timer.seconds if timer else 0.0
+    tokens = [nxt]
+    t1 = time.perf_counter()
+    for pos in range(prompt_len, prompt_len + max_new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]))
+        nxt = out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+    t_decode = time.perf_counter() - t1
+    res = {"tokens": torch.cat(tokens, 1), "prefill_seconds": t_prefill, "decode_seconds": t_decode,
+           "decode_tokens": max_new_tokens - 1,
+           "decode_tokens_per_s": (max_new_tokens - 1) / t_decode if max_new_tokens > 1 else None}
+    if timer:
+        res["decode_linear_seconds"] = timer.seconds - lin_prefill
+        timer.close()
+    return res
+
+
+@torch.no_grad()
+def prefill_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, repeat: int = 3) -> float:
+    t = _best(lambda: model(input_ids=input_ids, use_cache=False), repeat, warmup=1)
+    return input_ids.numel() / t
+
+
+def speed_variants(source: str, schemes: list[str], lm_head: str = "int8", progress: bool = False) -> dict[str, nn.Module]:
+    """The float model in fp32/bf16/fp16 and one bf16-activation model per scheme.
+
+    Speed does not depend on how codes were chosen, so schemes are applied with
+    RTN. `lm_head`: 'int8' quantizes the output projection per channel (W8, the
+    int8pack kernel; the input embedding stays a float lookup table), 'float'
+    keeps it in bf16. Every variant uses eager attention: the CPU flash-attention
+    kernel costs milliseconds per call for a one-token query.
+    """
+    import copy
+
+    from .api import load, make_recipe
+    from .models.load import resolve_source
+    from .pipeline import quantize_model
+    from .scheme import Scheme
+
+    kind, _ = resolve_source(source)
+    base, _ = load(source)
+    models: dict[str, nn.Module] = {}
+    if kind == "lowbit":
+        models[f"{source} (bf16 activations)"] = base.to(torch.bfloat16)
+    else:
+        for tag, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            models[tag] = copy.deepcopy(base).to(dt)
+        for name in schemes:
+            recipe = make_recipe(name, "rtn")
+            if lm_head == "int8":
+                recipe.overrides["lm_head"] = Scheme.parse("w8a16")
+            q = quantize_model(copy.deepcopy(base), recipe, progress=progress, float_dtype=torch.bfloat16).model
+            models[f"{recipe.scheme.name}" + (" +int8 lm_head" if lm_head == "int8" else "")] = q.to(torch.bfloat16)
+    for m in models.values():
+        m.set_attn_implementation("eager")
+        m.eval()
+    return models
+
+
+def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64, prompt_lens=(32, 128),
+               prompt: str = "The history of the city begins") -> dict[str, dict]:
+    """Decode tokens/s (batch 1, static cache) and prefill tokens/s per prompt length."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = {}
+    for name, m in models.items():
+        generate(m, ids, 4)  # warm-up: kernels convert their weights on first use
+        g = generate(m, ids, new_tokens, time_linears=True)
+        g2 = generate(m, ids, new_tokens)  # untimed hooks cost something: report the clean run
+        vocab = m.config.vocab_size
+        prefill = {str(n): prefill_tokens_per_s(m, torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)))
+                   for n in prompt_lens}
+        out[name] = {
+            "decode_tokens_per_s": g2["decode_tokens_per_s"],
+            "decode_ms_per_token": 1e3 * g2["decode_seconds"] / g2["decode_tokens"],
+            "decode_linear_fraction": g["decode_linear_seconds"] / g["decode_seconds"],
+            "prefill_tokens_per_s": prefill[str(max(prompt_lens))],  # at the longest prompt
+            "prefill_tokens_per_s_by_len": prefill,
+            "text": tokenizer.decode(g2["tokens"][0][:24]),
+        }
+    return out
