@@ -19,7 +19,7 @@ DEFAULT = ",".join(
     f"{m}:{s}"
     for bits in (4, 3)
     for m, s in [("rtn", f"w{bits}a16-g64"), ("rtn", f"w{bits}a16-g64-asym"), ("rtn", f"w{bits}a16-g64-asym-mse"),
-                 ("gptq", f"w{bits}a16-g64"), ("gptq", f"w{bits}a16-g64-asym-mse")]
+                 ("gptq", f"w{bits}a16-g64"), ("gptq", f"w{bits}a16-g64-asym"), ("gptq", f"w{bits}a16-g64-asym-mse")]
 )
 
 
