@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lowbit.hardware import CATALOG
 from lowbit.plan import Arch, PlanInput, arch_from_hf_config, kv_cache_bytes, plan, read_model, weight_bytes

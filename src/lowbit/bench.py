@@ -79,23 +79,21 @@ def gemv_bench(shapes: list[tuple[int, int]], roof_gb_s: float, batch: int = 1, 
         for name, (make, nbytes, run) in gemv_variants(n, k, group_size).items():
             if variants and not any(v in name for v in variants):
                 continue
-            copies = max(2, -(-min_bytes // nbytes))
-            if "naive" in name:
-                copies = 2  # compute-bound anyway; the cache cannot help it
-            states = [make() for _ in range(copies)]
-            x = torch.randn(batch, k)
-            i = [0]
-
-            def step():
-                run(x, states[i[0] % copies])
-                i[0] += 1
-
-            t = _best(lambda: [step() for _ in range(copies)], repeat=5, warmup=1) / copies
+            copies = 2 if "naive" in name else max(2, -(-min_bytes // nbytes))  # naive: compute-bound anyway
+            t = _time_rotating(run, [make() for _ in range(copies)], torch.randn(batch, k))
             rows.append({"shape": [n, k], "variant": name, "batch": batch, "weight_bytes": nbytes,
                          "us_per_call": t * 1e6, "gb_per_s": nbytes / t / 1e9,
                          "percent_of_roof": 100 * nbytes / t / 1e9 / roof_gb_s})
-            del states
     return rows
+
+
+def _time_rotating(run: Callable, states: list, x: torch.Tensor) -> float:
+    """Seconds per call of run(x, state), cycling through `states` so no weight stays cached."""
+    def sweep():
+        for st in states:
+            run(x, st)
+
+    return _best(sweep, repeat=5, warmup=1) / len(states)
 
 
 class LinearTimer:

@@ -35,7 +35,7 @@ def cmd_eval(args) -> int:
     if args.baseline:
         baseline, _ = load(args.baseline)
     res = evaluate_many(models, windows, baseline, progress=_progress(args))["model"]
-    res["model_bytes"] = model_bytes(model, torch.float16)["total_bytes"] if _is_quantized(model) else model_bytes(model)["total_bytes"]
+    res["model_bytes"] = model_bytes(model, torch.float16)["total_bytes"]  # float parts counted at fp16 storage, as saved
     res["windows"], res["seq_len"] = int(windows.shape[0]), args.seq_len
     if args.json:
         print(json.dumps(res))
@@ -43,12 +43,6 @@ def cmd_eval(args) -> int:
         for k, v in res.items():
             print(f"{k:16s} {v if not isinstance(v, float) else f'{v:.4f}'}")
     return 0
-
-
-def _is_quantized(model) -> bool:
-    from .runtime import quantized_modules
-
-    return bool(quantized_modules(model))
 
 
 def cmd_demo(args) -> int:

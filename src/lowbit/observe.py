@@ -16,7 +16,6 @@ from .scheme import Scheme
 
 # MSE clipping search: shrink factors 1.00, 0.99, ..., 0.21 of the absmax/minmax range.
 MSE_GRID = tuple(1.0 - 0.01 * i for i in range(80))
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +56,7 @@ def round_scale(scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Round scales to what is stored: fp16/bf16/fp32, or a power of two (E8M0)."""
     if scheme.scale_dtype == "e8m0":
         return torch.exp2(e8m0_exponent(scale, scheme.number_format).float() - 127)
-    dt = _DTYPES[scheme.scale_dtype]
+    dt = scheme.scale_storage_dtype
     tiny = torch.finfo(dt).tiny
     return scale.clamp(min=tiny).to(dt).to(torch.float32)
 

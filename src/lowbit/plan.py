@@ -156,7 +156,7 @@ def linear_bytes(out_f: int, in_f: int, scheme: Scheme | None, float_bytes: int)
     if scheme is None:
         return 0, 0, out_f * in_f * float_bytes
     rows, groups = num_groups(scheme, out_f, in_f)
-    scale_b = rows * groups * (1 if scheme.scale_dtype == "e8m0" else {"float16": 2, "bfloat16": 2, "float32": 4}[scheme.scale_dtype])
+    scale_b = rows * groups * scheme.scale_storage_dtype.itemsize
     zero_b = packed_nbytes(rows * groups, scheme.bits) if (not scheme.symmetric and scheme.number_format.kind == "int") else 0
     return packed_nbytes(out_f * in_f, scheme.bits), scale_b + zero_b, 0
 

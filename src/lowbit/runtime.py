@@ -45,7 +45,7 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
-        scale = self.scale if self.scheme.scale_dtype == "e8m0" else self.scale.view(_SCALE_DTYPES[self.scheme.scale_dtype])
+        scale = self.scale.view(self.scheme.scale_storage_dtype)
         return QuantizedTensor(self.codes, scale, self.zero_point, (self.out_features, self.in_features), self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,6 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
 
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 

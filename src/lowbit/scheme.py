@@ -6,12 +6,14 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+
 from .errors import UserError
 from .formats import NumberFormat, get_format
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 SCALE_METHODS = ("absmax", "mse", "percentile")
-SCALE_DTYPES = ("float16", "bfloat16", "float32", "e8m0")
+SCALE_DTYPES = ("float16", "bfloat16", "float32", "e8m0")  # e8m0: MX power-of-two exponents, stored as uint8
 
 VALID_FORMS = (
     "model presets: w{2..8}a{16|8|4}[-g{G}][-asym][-mse] (e.g. w4a16-g128, w4a16-g64-asym, w8a16, w8a8, w4a4), "
@@ -80,6 +82,11 @@ class Scheme:
     @property
     def is_mx(self) -> bool:
         return self.scale_dtype == "e8m0"
+
+    @property
+    def scale_storage_dtype(self) -> torch.dtype:
+        """The torch dtype scales are stored in (uint8 biased exponents for E8M0)."""
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "e8m0": torch.uint8}[self.scale_dtype]
 
     def _describe(self) -> str:
         short = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2", "fp4_e2m1": "fp4"}.get(self.format, self.format)

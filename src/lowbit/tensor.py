@@ -12,7 +12,6 @@ from .observe import as_2d, choose_qparams, group_view, num_groups, ungroup
 from .errors import UserError
 from .scheme import Scheme, SchemeError
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ---- bit packing ------------------------------------------------------------
@@ -221,7 +220,7 @@ def quantize_tensor(x: torch.Tensor, scheme: Scheme | str, *, scale: torch.Tenso
         # scales arrive already rounded to powers of two: store the biased exponent
         stored_scale = (torch.log2(scale).round() + 127).to(torch.uint8)
     else:
-        stored_scale = scale.to(_DTYPES[scheme.scale_dtype])
+        stored_scale = scale.to(scheme.scale_storage_dtype)
     zp = None
     if zero_point is not None:
         zp = pack_codes(zero_point.to(torch.uint8), fmt.bits)

@@ -13,7 +13,6 @@ Only one block's inputs, outputs and statistics are alive at a time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -101,9 +100,6 @@ class HessianCollector:
     def close(self):
         for h in self.handles:
             h.remove()
-
-
-QuantizeFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], "object"]
 
 
 def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *, calib: torch.Tensor | None,
