@@ -125,6 +125,8 @@ def test_eval_json_cli(tmp_path, embedded):
     (["quantize", "smollm2-135m", "--scheme", "w4a16-g0", "--out", "x"], "group size"),
     (["quantize", "/no/such/model", "--out", "x"], "not found"),
     (["eval", "smollm2-135m", "--text", "/no/such.txt"], "neither 'wiki' nor an existing file"),
+    (["quantize", "smollm2-135m", "--out", "/proc/lowbit-out"], "not writable"),
+    (["quantize", "smollm2-135m", "--method", "rtn", "--out", "/etc"], "not a lowbit output"),
 ])
 def test_cli_user_errors_are_one_line(argv, msg, tmp_path):
     import subprocess

@@ -7,7 +7,7 @@ from .data import check_text_source, text_windows
 from .errors import UserError
 from .models.load import load_float, resolve_source
 from .pipeline import GPTQOptions, QuantizeResult, quantize_model
-from .runtime import load_quantized, save_quantized
+from .runtime import check_output_dir, load_quantized, save_quantized
 from .scheme import Recipe, Scheme
 
 
@@ -43,6 +43,8 @@ def quantize(model: str, scheme: str | Scheme = "w4a16-g64", method: str = "gptq
     recipe = make_recipe(scheme, method, include, exclude)
     if method != "rtn":
         check_text_source(calib)
+    if out:
+        check_output_dir(out)  # before hours of work, not after
     torch.manual_seed(seed)
     fmodel, tok = load_float(model)
     calib_ids = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+
 import torch
 
 from .api import load, make_recipe, quantize

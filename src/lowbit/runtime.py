@@ -146,15 +146,28 @@ def model_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> dic
     return {"quantized_bytes": q, "float_bytes": f, "total_bytes": q + f}
 
 
+def check_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Fail before any work if the output cannot be written (or would clobber something else)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; choose a directory for --out")
+    if out.is_dir() and not (out / "lowbit.json").is_file() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a lowbit output; choose an empty or new --out")
+    try:  # permission bits lie (root, read-only mounts, /proc): really create something
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out.parent}: not writable ({e.strerror}); choose another --out") from None
+    return out
+
+
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict,
                    float_dtype: torch.dtype = torch.float16) -> Path:
     """Write config.json, tokenizer, model.safetensors and lowbit.json; the directory appears atomically."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not (out / "lowbit.json").is_file() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not a lowbit output; choose an empty or new --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tensors, modules = {}, {}
