@@ -30,6 +30,7 @@ class QuantizeResult:
     qtensors: dict[str, QuantizedTensor]
     seconds: float
     info: dict = field(default_factory=dict)
+    tokenizer: object = None  # set by lowbit.quantize(), which loads the model itself
 
 
 def target_modules(model: nn.Module, recipe: Recipe) -> dict[str, Scheme]:
