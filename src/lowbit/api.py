@@ -30,7 +30,7 @@ def make_recipe(scheme: str | Scheme, method: str = "gptq", include: list[str] |
         recipe.exclude = list(exclude)
     if recipe.scheme.activations is not None:
         raise UserError(f"{recipe.scheme.name} quantizes activations; this version runs weight-only schemes "
-                        "(w{{2..8}}a16[-gG], nf4, mxfp4, ...)")
+                        "(w{2..8}a16[-gG], nf4, mxfp4, ...)")
     return recipe
 
 

@@ -148,7 +148,7 @@ def _measured_quality(path: str) -> dict:
 
 
 def cmd_bench(args) -> int:
-    from .bench import copy_bandwidth, end_to_end, gemv_bench, speed_variants
+    from .bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants
 
     progress = _progress(args)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
@@ -172,23 +172,6 @@ def cmd_bench(args) -> int:
         return 0
     print(format_speed(res))
     return 0
-
-
-def format_speed(res: dict) -> str:
-    v = res["variants"]
-    base = v.get("fp32", next(iter(v.values())))["decode_tokens_per_s"]
-    lens = list(next(iter(v.values()))["prefill_tokens_per_s_by_len"])
-    lines = [f"copy bandwidth roof: {res['roof_gb_per_s']:.1f} GB/s ({res['threads']} threads)", "",
-             f"{'variant':28s} {'decode tok/s':>12s} {'vs fp32':>8s} {'linears':>8s} " + " ".join(f"{'prefill ' + n:>13s}" for n in lens)]
-    for name, r in v.items():
-        lines.append(f"{name:28s} {r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base:7.2f}x "
-                     f"{100 * r['decode_linear_fraction']:7.0f}% " + " ".join(f"{r['prefill_tokens_per_s_by_len'][n]:13.0f}" for n in lens))
-    if "gemv" in res:
-        lines += ["", f"{'GEMV (batch 1)':44s} {'us':>9s} {'GB/s':>7s} {'% roof':>7s}"]
-        for g in res["gemv"]:
-            lines.append(f"{g['variant'] + ' ' + 'x'.join(map(str, g['shape'])):44s} {g['us_per_call']:9.1f} "
-                         f"{g['gb_per_s']:7.1f} {g['percent_of_roof']:6.0f}%")
-    return "\n".join(lines)
 
 
 def cmd_generate(args) -> int:

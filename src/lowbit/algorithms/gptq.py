@@ -136,13 +136,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksi
     Q = Q[:, inv]
     if not grouped:
         return quantize_tensor(Q, scheme, scale=scale, zero_point=zero, name=name)
-    # groups were visited out of order: restore the stored (ascending) group order
-    g_order = torch.tensor([g.start // scheme.group_size for g in groups])
-    s_store = torch.zeros_like(scale)
-    s_store[:, g_order] = scale
-    z_store = None
-    if zero is not None:
-        z_store = torch.zeros_like(zero)
-        z_store[:, g_order] = zero
-    return quantize_tensor(Q, scheme, scale=s_store, zero_point=z_store, name=name)
+    # groups were visited out of order: gather them back into stored (ascending) order
+    back = torch.argsort(torch.tensor([g.start for g in groups]))
+    return quantize_tensor(Q, scheme, scale=scale[:, back], zero_point=None if zero is None else zero[:, back], name=name)
 
