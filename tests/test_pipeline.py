@@ -127,6 +127,9 @@ def test_eval_json_cli(tmp_path, embedded):
     (["eval", "smollm2-135m", "--text", "/no/such.txt"], "neither 'wiki' nor an existing file"),
     (["quantize", "smollm2-135m", "--out", "/proc/lowbit-out"], "not writable"),
     (["quantize", "smollm2-135m", "--method", "rtn", "--out", "/etc"], "not a lowbit output"),
+    (["quantize", "smollm2-135m", "--out", "x", "--format", "gguf"], "--format needs --export-out"),
+    (["export", "smollm2-135m", "--format", "gptq", "--out", "x"], "reads a lowbit output"),
+    (["import", "/etc", "--out", "x"], "not a GGUF file"),
 ])
 def test_cli_user_errors_are_one_line(argv, msg, tmp_path):
     import subprocess
@@ -135,3 +138,29 @@ def test_cli_user_errors_are_one_line(argv, msg, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lowbit", *argv], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_true_sequential_stages_follow_the_call_order(fresh_model, wiki_windows):
+    from lowbit.models.runner import BlockInputs, sequential_stages
+
+    calib, _ = wiki_windows
+    block = fresh_model.model.layers[0]
+    mods = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    stages = sequential_stages(block, mods, BlockInputs.capture(fresh_model, calib[:2], 2))
+    assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("scheme", ["q4_1", "int3-g64-asym-mse"])
+def test_gptq_lowers_the_output_error_of_rtn_for_every_zero_domain(scheme):
+    from lowbit.algorithms.gptq import gptq
+    from lowbit.tensor import quantize_tensor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3  # correlated inputs
+    w = torch.randn(64, 128, generator=g)
+    H = x.t() @ x / x.shape[0]
+    err = lambda qt: float(((qt.dequantize() - w) @ x.t()).pow(2).mean())  # noqa: E731
+    q = gptq(w, H, make_recipe(scheme, "gptq").scheme)
+    assert q.scheme.float_zero == (scheme == "q4_1")
+    assert err(q) < 0.8 * err(quantize_tensor(w, scheme))

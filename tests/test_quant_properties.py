@@ -209,3 +209,49 @@ def test_corrupt_file_is_one_clear_error(tmp_path):
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="unreadable safetensors"):
         QuantizedTensor.load(p)
+
+
+# ---- float zero points (GGUF Q4_1 form) and importance-weighted MSE ----------------------
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), cols=st.integers(1, 130), shift=st.floats(-3, 3), seed=st.integers(0, 2**16))
+def test_float_zero_point_error_is_half_a_step(bits, cols, shift, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, cols, generator=g) + shift
+    qt = quantize_tensor(x, f"int{bits}-g32-asym-fzero")
+    qt.validate()
+    step = qt.scales().repeat_interleave(32, dim=1)[:, :cols]
+    # fp16 rounding of the stored minimum and scale adds a little past half a step
+    assert bool(((qt.dequantize() - x).abs() <= 0.5 * step + 2e-3 * x.abs().amax()).all())
+
+
+def test_float_zero_roundtrips_and_needs_an_affine_int_scheme(tmp_path):
+    x = torch.randn(8, 64) + 5.0  # a range far from 0: an integer zero point would waste codes
+    fz, iz = quantize_tensor(x, "q4_1"), quantize_tensor(x, "int4-g32-asym")
+    assert (fz.dequantize() - x).pow(2).mean() < (iz.dequantize() - x).pow(2).mean()
+    fz.save(tmp_path / "t.safetensors")
+    back = QuantizedTensor.load(tmp_path / "t.safetensors")
+    assert torch.equal(back.dequantize(), fz.dequantize()) and back.scheme == fz.scheme
+    assert fz.nbytes == 8 * 64 // 2 + 2 * 8 * 2 * 2  # codes + fp16 scale + fp16 minimum per group
+    with pytest.raises(SchemeError, match="fzero"):
+        Scheme.parse("int4-g32-fzero")
+    with pytest.raises(SchemeError, match="float zero"):
+        Scheme(format="fp4_e2m1", granularity="group", group_size=32, zero_domain="float")
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), asym=st.booleans())
+def test_importance_weighted_mse_minimises_the_weighted_error(seed, asym):
+    from lowbit.observe import choose_qparams, fake_quant_grouped
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 64, generator=g)
+    imp = torch.rand(64, generator=g) ** 4 * 100  # a few columns matter far more
+    s = Scheme.parse("int3-g32-asym-mse" if asym else "int3-g32-mse")
+
+    def werr(scale, zero):
+        xg = group_view(x, s)
+        q = fake_quant_grouped(xg, scale, zero, s)
+        return float(((q - xg) ** 2 * group_view(imp.reshape(1, -1), s)).sum())
+
+    assert werr(*choose_qparams(x, s, imp)) <= werr(*choose_qparams(x, s)) + 1e-6

@@ -12,12 +12,18 @@ from .scheme import Recipe, Scheme
 
 
 def load(source: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) ready to run: float for a checkpoint/GGUF/embedded name,
-    with QuantLinear modules in place for a lowbit output directory."""
+    """(model, tokenizer) ready to run: QuantLinear modules in place for a lowbit output
+    directory and for checkpoints quantized elsewhere (GGUF Q8_0/Q4_0/Q4_1 tensors,
+    compressed-tensors, GPTQ: codes imported unchanged); float for the rest."""
+    from .interop import checkpoint_kind, import_model
+
     kind, path = resolve_source(source)
     if kind == "lowbit":
         model, tok, _ = load_quantized(path, dtype)
         return model, tok
+    if kind != "embedded" and checkpoint_kind(path) is not None:
+        model, tok, _ = import_model(path, dtype)
+        return model.to(dtype), tok
     return load_float(source, dtype)
 
 

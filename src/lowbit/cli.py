@@ -1,4 +1,4 @@
-"""`lowbit` command line: quantize | eval | demo | plan | schemes.
+"""`lowbit` command line: demo | quantize | eval | export | import | plan | bench | generate | schemes.
 
 User mistakes print one line and exit 2; bugs keep their traceback.
 """
@@ -26,6 +26,12 @@ def _add_text_args(p, default_seq_len=512):
     p.add_argument("--text", default="wiki", help="'wiki' (Wikipedia articles shipped in the gensim wheel), a .txt file or a .jsonl file (default: wiki)")
     p.add_argument("--text-field", default="text", help="field to read from each JSONL record (default: text)")
     p.add_argument("--seq-len", type=int, default=default_seq_len, help=f"tokens per window (default: {default_seq_len})")
+
+
+def _add_export_args(p, help_format, required=False):
+    p.add_argument("--format", required=required, default=None, choices=["compressed-tensors", "gguf", "gptq"], help=help_format)
+    p.add_argument("--requantize", metavar="TYPE", help="gguf only: re-round schemes GGUF cannot hold exactly to q8_0/q4_0/q4_1 (the error is reported)")
+    p.add_argument("--embed-type", default="q8_0", choices=["q8_0", "f16", "f32"], help="gguf only: token embedding type (default: q8_0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", default=None, metavar="PATTERN", help="only quantize modules matching (repeatable; default: all Linears)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+    _add_export_args(p, "also write the model in this serving format to --export-out")
+    p.add_argument("--export-out", help="where --format writes (a directory; a .gguf file for gguf)")
+
+    p = sub.add_parser("export", help="write a lowbit output as compressed-tensors (vLLM), GGUF (llama.cpp) or GPTQ")
+    p.add_argument("model", metavar="DIR", help="a lowbit output directory (from 'lowbit quantize')")
+    _add_export_args(p, "serving format", required=True)
+    p.add_argument("--out", required=True, help="output directory (a .gguf file for gguf)")
+
+    p = sub.add_parser("import", help="read a GGUF / compressed-tensors / GPTQ / AWQ checkpoint into a lowbit output, codes unchanged")
+    p.add_argument("model", metavar="SOURCE", help="a .gguf file or a compressed-tensors / GPTQ / AWQ checkpoint directory")
+    p.add_argument("--out", required=True, help="lowbit output directory")
 
     p = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a baseline")
     _add_model_source(p)
@@ -157,4 +174,6 @@ _COMMANDS = {
     "plan": _lazy("commands", "cmd_plan"),
     "bench": _lazy("commands", "cmd_bench"),
     "generate": _lazy("commands", "cmd_generate"),
+    "export": _lazy("commands", "cmd_export"),
+    "import": _lazy("commands", "cmd_import"),
 }

@@ -8,6 +8,7 @@ import torch
 
 from .api import load, make_recipe, quantize
 from .data import check_text_source, text_windows
+from .errors import UserError
 from .evaluate import evaluate_many
 from .runtime import model_bytes
 
@@ -17,13 +18,50 @@ def _progress(args) -> bool:
 
 
 def cmd_quantize(args) -> int:
+    if args.format and not args.export_out:
+        raise UserError("--format needs --export-out (where the exported model goes)")
     res = quantize(args.model, args.scheme, args.method, calib=args.calib, text_field=args.text_field,
                    samples=args.samples, seq_len=args.seq_len, seed=args.seed, out=args.out,
                    include=args.include, exclude=args.exclude, progress=_progress(args))
+    if args.format:
+        rep = _export(res.model, res.tokenizer, args.format, args.export_out, args.model, args.out, args)
+        print(f"exported {args.format} -> {args.export_out}: {rep}")
     b = res.info["bytes"]
     print(f"quantized {len(res.qtensors)} Linear layers of {args.model} with {args.method} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
           f"{b['float_bytes'] / 1e6:.1f} MB float)")
+    return 0
+
+
+def _export(model, tok, fmt, out, source, tokenizer_dir, args) -> dict:
+    from .interop import export_model
+
+    return export_model(model, tok, fmt, out, source=source, tokenizer_dir=tokenizer_dir,
+                        requantize=args.requantize, embed_type=args.embed_type)
+
+
+def cmd_export(args) -> int:
+    from .models.load import resolve_source
+    from .runtime import load_quantized
+
+    kind, path = resolve_source(args.model)
+    if kind != "lowbit":
+        raise UserError(f"{args.model}: export reads a lowbit output directory (run 'lowbit quantize' first)")
+    model, tok, meta = load_quantized(path)
+    rep = _export(model, tok, args.format, args.out, meta.get("source"), path, args)
+    print(json.dumps({"format": args.format, "out": args.out, **rep}))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .interop import import_model
+    from .runtime import save_quantized
+
+    model, tok, qts = import_model(args.model)
+    info = {"source": args.model, "imported": True, "bytes": model_bytes(model, torch.float16)}
+    save_quantized(model, tok, args.out, info)
+    print(f"imported {len(qts)} quantized Linear layers from {args.model} -> {args.out} "
+          f"({info['bytes']['total_bytes'] / 1e6:.1f} MB)")
     return 0
 
 

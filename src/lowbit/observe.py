@@ -72,8 +72,13 @@ def e8m0_exponent(amax_scale: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
-    """Scale (and integer zero point for affine) covering [lo, hi] exactly."""
+    """Scale (and zero point for affine) covering [lo, hi] exactly."""
     fmt = scheme.number_format
+    if scheme.float_zero:  # w = scale * code + zero: the range need not contain 0
+        qmax = (1 << fmt.bits) - 1
+        scale = (hi - lo) / qmax
+        scale = round_scale(torch.where(scale > 0, scale, torch.ones_like(scale)), scheme)
+        return scale, lo.to(scheme.scale_storage_dtype).to(torch.float32)
     if fmt.kind == "int" and not scheme.symmetric:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly representable
         qmax = (1 << fmt.bits) - 1
@@ -91,18 +96,32 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
 
 def fake_quant_grouped(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
     """Quantize-dequantize a grouped view with given per-group scales."""
-    fmt = scheme.number_format
     s = scale.unsqueeze(-1)
     z = zero.unsqueeze(-1) if zero is not None else None
-    codes = fmt.encode(xg / s, scheme.symmetric, z)
-    q = fmt.decode(codes, scheme.symmetric)
-    if z is not None:
-        q = q - z
-    return q * s
+    return dequantize_grouped(encode_grouped(xg, s, z, scheme), s, z, scheme)
 
 
-def choose_qparams(x: torch.Tensor, scheme: Scheme):
-    """Scales [R, G] (float32, stored precision) and zero points (float32 integers) or None."""
+def encode_grouped(xg: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Grouped values -> uint8 codes, given broadcastable scale / zero point."""
+    if scheme.float_zero:
+        return scheme.number_format.encode((xg - z) / s, False, None)
+    return scheme.number_format.encode(xg / s, scheme.symmetric, z)
+
+
+def dequantize_grouped(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    q = scheme.number_format.decode(codes, scheme.symmetric)
+    if scheme.float_zero:
+        return q * s + z
+    return (q - z) * s if z is not None else q * s
+
+
+def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None):
+    """Scales [R, G] (float32, stored precision) and zero points (float32 integers) or None.
+
+    `importance` [cols] weights each column's squared error in the MSE search (GPTQ
+    passes the Hessian diagonal: an input channel that carries more energy costs more
+    output error per unit of weight error).
+    """
     x = as_2d(x).to(torch.float32)
     xg = group_view(x, scheme)
     if scheme.scale_method == "percentile":
@@ -118,20 +137,27 @@ def choose_qparams(x: torch.Tensor, scheme: Scheme):
     hi = torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1)
     if scheme.scale_method == "absmax":
         return qparams_from_range(lo, hi, scheme)
-    return mse_search(xg, lo, hi, scheme)
+    w = None
+    if importance is not None:
+        if scheme.granularity == "tensor":
+            raise ValueError("importance weighting needs per-channel or per-group parameters")
+        w = group_view(importance.to(torch.float32).reshape(1, -1), scheme)
+    return mse_search(xg, lo, hi, scheme, w)
 
 
-def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
-    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least squared error.
+def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme,
+               importance: torch.Tensor | None = None):
+    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least (weighted) squared error.
 
     p = 1 is the absmax/minmax choice, so the result is never worse than absmax.
     """
     best_err = torch.full(lo.shape, torch.inf)
     best_scale = torch.zeros_like(lo)
-    best_zero = torch.zeros_like(lo) if not scheme.symmetric and scheme.number_format.kind == "int" else None
+    best_zero = torch.zeros_like(lo) if scheme.has_zero_point else None
     for p in MSE_GRID:
         scale, zero = qparams_from_range(lo * p, hi * p, scheme)
-        err = (fake_quant_grouped(xg, scale, zero, scheme) - xg).pow(2).nansum(-1)
+        err = (fake_quant_grouped(xg, scale, zero, scheme) - xg).pow(2)
+        err = (err if importance is None else err * importance).nansum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

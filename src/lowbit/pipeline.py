@@ -22,6 +22,8 @@ class GPTQOptions:
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = True
+    true_sequential: bool = False  # each stage of a block sees the stages before it quantized (measured: no gain here)
+    weighted_mse: bool = True  # MSE scale search weighs columns by the Hessian diagonal
 
 
 @dataclass
@@ -60,7 +62,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
             if H is None:  # outside the decoder blocks (e.g. lm_head when included)
                 return rtn(w, targets[name], name)
             return gptq(w, H, targets[name], blocksize=opts.blocksize, percdamp=opts.percdamp,
-                        act_order=opts.act_order, name=name)
+                        act_order=opts.act_order, weighted_mse=opts.weighted_mse, name=name)
     elif recipe.method == "rtn":
         calib = None
 
@@ -70,7 +72,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
         raise UserError(f"unknown method {recipe.method!r}; choose rtn or gptq")
     t0 = time.time()
     qts = run_sequential(model, targets, fn, calib=calib, batch_size=batch_size, progress=progress,
-                         desc=f"{recipe.method} {recipe.scheme.name}")
+                         desc=f"{recipe.method} {recipe.scheme.name}", true_sequential=opts.true_sequential)
     install(model, qts)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None and isinstance(out_emb, QuantLinear) and getattr(model.config, "tie_word_embeddings", False):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,13 +39,17 @@ class QuantLinear(nn.Module):
         # kept as their integer bit pattern: model.to(torch.bfloat16) must not re-round them.
         self.register_buffer("codes", qweight.codes)
         self.register_buffer("scale", _scale_bits(qweight.scale))
-        self.register_buffer("zero_point", qweight.zero_point)
+        zp = qweight.zero_point
+        self.register_buffer("zero_point", _scale_bits(zp) if zp is not None and self.scheme.float_zero else zp)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @property
     def qweight(self) -> QuantizedTensor:
         scale = self.scale.view(self.scheme.scale_storage_dtype)
-        return QuantizedTensor(self.codes, scale, self.zero_point, (self.out_features, self.in_features), self.scheme)
+        zp = self.zero_point
+        if zp is not None and self.scheme.float_zero:
+            zp = zp.view(self.scheme.scale_storage_dtype)
+        return QuantizedTensor(self.codes, scale, zp, (self.out_features, self.in_features), self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -166,10 +169,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
     """Write config.json, tokenizer, model.safetensors and lowbit.json; the directory appears atomically."""
     from safetensors.torch import save_file
 
+    from .io import atomic_dir
+
     out = check_output_dir(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tensors, modules = {}, {}
         for name, m in quantized_modules(model).items():
             qt = m.qweight
@@ -184,12 +187,6 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
         meta = {"format": "lowbit", "version": FORMAT_VERSION, "modules": modules,
                 "float_dtype": str(float_dtype).removeprefix("torch."), **info}
         (tmp / "lowbit.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

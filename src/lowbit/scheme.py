@@ -14,12 +14,13 @@ from .formats import NumberFormat, get_format
 GRANULARITIES = ("tensor", "channel", "group", "token")
 SCALE_METHODS = ("absmax", "mse", "percentile")
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "e8m0")  # e8m0: MX power-of-two exponents, stored as uint8
+ZERO_DOMAINS = ("int", "float")
 
 VALID_FORMS = (
     "model presets: w{2..8}a{16|8|4}[-g{G}][-asym][-mse] (e.g. w4a16-g128, w4a16-g64-asym, w8a16, w8a8, w4a4), "
-    "fp8, nf4, mxfp4, mxfp8; "
-    "tensor-level: {int2..int8|fp8|fp8e5m2|fp4|nf4}-{tensor|channel|token|g{G}}[-asym][-mse|-p{percentile}] "
-    "(e.g. int8-tensor, int4-channel, int3-g64-asym, int4-g128-mse, nf4-g64)"
+    "fp8, nf4, mxfp4, mxfp8, and GGUF's q8_0, q4_0, q4_1; "
+    "tensor-level: {int2..int8|fp8|fp8e5m2|fp4|nf4}-{tensor|channel|token|g{G}}[-asym[-fzero]][-mse|-p{percentile}] "
+    "(e.g. int8-tensor, int4-channel, int3-g64-asym, int4-g128-mse, nf4-g64, int4-g32-asym-fzero)"
 )
 
 
@@ -35,6 +36,10 @@ class Scheme:
     per row ('channel' for weights, 'token' for activations), or per group of
     `group_size` consecutive elements of a row (the last group may be shorter).
     A model preset also carries `activations`, the scheme for Linear inputs.
+
+    Affine integer schemes keep an integer zero point per group (w = scale * (code -
+    zero_point)) unless `zero_domain` is 'float': then the zero point is a float offset
+    stored like the scale (w = scale * code + zero_point), the form of GGUF's Q4_1.
     """
 
     format: str = "int4"
@@ -46,6 +51,7 @@ class Scheme:
     scale_dtype: str = "float16"
     dynamic: bool = False
     activations: "Scheme | None" = None
+    zero_domain: str = "int"
     name: str = ""
 
     def __post_init__(self):
@@ -65,6 +71,10 @@ class Scheme:
             raise SchemeError(f"scale_dtype {self.scale_dtype!r} is not one of {SCALE_DTYPES}")
         if fmt.kind == "float" and not self.symmetric:
             raise SchemeError(f"{self.format} is a symmetric floating-point grid; drop '-asym'")
+        if self.zero_domain not in ZERO_DOMAINS:
+            raise SchemeError(f"zero_domain {self.zero_domain!r} is not one of {ZERO_DOMAINS}")
+        if self.zero_domain == "float" and (fmt.kind != "int" or self.symmetric or self.scale_dtype == "e8m0"):
+            raise SchemeError("a float zero point (-fzero) needs an affine integer scheme ('-asym') with float scales")
         if self.scale_dtype == "e8m0" and (fmt.kind != "float" or self.scale_method != "absmax"):
             raise SchemeError("power-of-two (E8M0) scales are for MX float formats with absmax scales")
         if not self.name:
@@ -78,6 +88,14 @@ class Scheme:
     @property
     def bits(self) -> int:
         return self.number_format.bits
+
+    @property
+    def has_zero_point(self) -> bool:
+        return not self.symmetric and self.number_format.kind == "int"
+
+    @property
+    def float_zero(self) -> bool:
+        return self.zero_domain == "float"
 
     @property
     def is_mx(self) -> bool:
@@ -94,6 +112,8 @@ class Scheme:
         s = f"{short}-{gran}"
         if not self.symmetric:
             s += "-asym"
+        if self.zero_domain == "float":
+            s += "-fzero"
         if self.scale_method == "mse":
             s += "-mse"
         elif self.scale_method == "percentile":
@@ -114,6 +134,7 @@ class Scheme:
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
         d = dict(d)
+        d.setdefault("zero_domain", "int")  # written before float zero points existed
         if d.get("activations"):
             d["activations"] = cls.from_dict(d["activations"])
         return cls(**d)
@@ -144,13 +165,13 @@ class Scheme:
 
 
 _FMT_ALIASES = {"fp8": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "fp8e5m2": "fp8_e5m2", "fp4": "fp4_e2m1", "nf4": "nf4"}
-_SUFFIX = r"(?P<asym>-asym)?(?:(?P<mse>-mse)|-p(?P<pct>\d+(?:\.\d+)?))?"
+_SUFFIX = r"(?:(?P<asym>-asym)(?P<fzero>-fzero)?)?(?:(?P<mse>-mse)|-p(?P<pct>\d+(?:\.\d+)?))?"
 _PRESET_RE = re.compile(r"w(?P<w>\d+)a(?P<a>\d+)(?:-g(?P<g>\d+))?" + _SUFFIX)
 _TENSOR_RE = re.compile(r"(?P<fmt>int\d+|fp8|fp8e4m3|fp8e5m2|fp4|nf4)-(?P<gran>tensor|channel|token|g\d+)" + _SUFFIX)
 
 
 def _suffix_fields(m: re.Match) -> dict:
-    out = {"symmetric": not m.group("asym")}
+    out = {"symmetric": not m.group("asym"), "zero_domain": "float" if m.group("fzero") else "int"}
     if m.group("mse"):
         out["scale_method"] = "mse"
     elif m.group("pct"):
@@ -174,6 +195,8 @@ def _parse(key: str) -> Scheme | None:
         return Scheme(format="fp8_e4m3", granularity="channel", activations=_token_acts("fp8_e4m3"), name="fp8")
     if key == "nf4":
         return Scheme(format="nf4", granularity="group", group_size=64, name="nf4")
+    if key in GGUF_PRESETS:
+        return GGUF_PRESETS[key]
     if key in ("mxfp4", "mxfp8"):
         fmt = "fp4_e2m1" if key == "mxfp4" else "fp8_e4m3"
         return Scheme(format=fmt, granularity="group", group_size=32, scale_dtype="e8m0", name=key)
@@ -208,6 +231,14 @@ def _parse(key: str) -> Scheme | None:
         return Scheme(format=fmt, name=key, **gfields, **_suffix_fields(m))
     return None
 
+
+# llama.cpp's block formats (blocks of 32, fp16 scales) as lowbit schemes, exactly:
+# Q8_0 w = d*q (q int8), Q4_0 w = d*(q-8) (a signed int4 code), Q4_1 w = d*q + m.
+GGUF_PRESETS = {
+    "q8_0": Scheme(format="int8", granularity="group", group_size=32, name="q8_0"),
+    "q4_0": Scheme(format="int4", granularity="group", group_size=32, name="q4_0"),
+    "q4_1": Scheme(format="int4", symmetric=False, zero_domain="float", granularity="group", group_size=32, name="q4_1"),
+}
 
 PRESETS = ("w8a16", "w4a16", "w4a16-g128", "w4a16-g64", "w3a16-g64", "w8a8", "w4a8", "w4a4", "fp8", "nf4", "mxfp4", "mxfp8")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .observe import as_2d, choose_qparams, group_view, num_groups, ungroup
+from .observe import as_2d, choose_qparams, dequantize_grouped, encode_grouped, group_view, num_groups, ungroup
 from .errors import UserError
 from .scheme import Scheme, SchemeError
 
@@ -65,8 +65,10 @@ class QuantizedTensor:
 
     codes:       flat uint8, `bits`-wide codes packed densely (row-major over `shape`)
     scale:       [scale_rows, groups] in the scheme's scale dtype (uint8 biased exponents for E8M0)
-    zero_point:  packed like codes ([scale_rows, groups] integers), affine integer schemes only
-    Dequantization: w_hat = scale * (decode(code) - zero_point).
+    zero_point:  affine integer schemes only: packed like codes ([scale_rows, groups]
+                 integers), or for a float zero domain [scale_rows, groups] in the scale dtype
+    Dequantization: w_hat = scale * (decode(code) - zero_point), or with a float zero
+    domain w_hat = scale * code + zero_point (GGUF Q4_1).
     """
 
     codes: torch.Tensor
@@ -103,9 +105,11 @@ class QuantizedTensor:
         return unpack_codes(self.codes, self.scheme.bits, self.numel).reshape(self.shape)
 
     def zero_points(self) -> torch.Tensor | None:
-        """Integer zero points as float32 [scale_rows, groups], or None."""
+        """Zero points (integers, or float offsets) as float32 [scale_rows, groups], or None."""
         if self.zero_point is None:
             return None
+        if self.scheme.float_zero:
+            return self.zero_point.to(torch.float32)
         r, g = self.scale_shape
         return unpack_codes(self.zero_point, self.scheme.bits, r * g).reshape(r, g).to(torch.float32)
 
@@ -119,13 +123,10 @@ class QuantizedTensor:
         s = self.scheme
         codes = self.unpacked_codes()
         rows, cols = math.prod(self.shape[:-1]), self.shape[-1]
-        q = s.number_format.decode(as_2d(codes), s.symmetric)
-        qg = group_view(q, s)
+        cg = group_view(as_2d(codes).to(torch.float32), s).nan_to_num(0).to(torch.uint8)
         z = self.zero_points()
-        if z is not None:
-            qg = qg - z.unsqueeze(-1)
-        w = ungroup(qg * self.scales().unsqueeze(-1), rows, cols)
-        return w.reshape(self.shape).to(dtype)
+        w = dequantize_grouped(cg, self.scales().unsqueeze(-1), None if z is None else z.unsqueeze(-1), s)
+        return ungroup(w, rows, cols).reshape(self.shape).to(dtype)
 
     # ---- storage --------------------------------------------------------
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -157,8 +158,12 @@ class QuantizedTensor:
             raise ValueError(f"codes hold {self.codes.numel()} bytes, expected {want} for shape {self.shape} at {self.scheme.bits} bits")
         if tuple(self.scale.shape) != self.scale_shape:
             raise ValueError(f"scale shape {tuple(self.scale.shape)} does not match {self.scale_shape} for {self.scheme.name}")
-        if (self.zero_point is not None) != (not self.scheme.symmetric and self.scheme.number_format.kind == "int"):
+        if (self.zero_point is not None) != self.scheme.has_zero_point:
             raise ValueError(f"zero points {'present' if self.zero_point is not None else 'missing'} for scheme {self.scheme.name}")
+        if self.scheme.float_zero and (tuple(self.zero_point.shape) != self.scale_shape
+                                       or self.zero_point.dtype != self.scheme.scale_storage_dtype):
+            raise ValueError(f"float zero points {tuple(self.zero_point.shape)} {self.zero_point.dtype} do not match "
+                             f"{self.scale_shape} {self.scheme.scale_storage_dtype}")
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
@@ -214,14 +219,15 @@ def quantize_tensor(x: torch.Tensor, scheme: Scheme | str, *, scale: torch.Tenso
     fmt = scheme.number_format
     xg = group_view(x2, scheme)
     z = zero_point.unsqueeze(-1) if zero_point is not None else None
-    codes = fmt.encode(xg / scale.unsqueeze(-1), scheme.symmetric, z)
-    codes = ungroup(codes, rows, cols)
+    codes = ungroup(encode_grouped(xg, scale.unsqueeze(-1), z, scheme), rows, cols)
     if scheme.scale_dtype == "e8m0":
         # scales arrive already rounded to powers of two: store the biased exponent
         stored_scale = (torch.log2(scale).round() + 127).to(torch.uint8)
     else:
         stored_scale = scale.to(scheme.scale_storage_dtype)
     zp = None
-    if zero_point is not None:
+    if zero_point is not None and scheme.float_zero:
+        zp = zero_point.to(scheme.scale_storage_dtype).contiguous()
+    elif zero_point is not None:
         zp = pack_codes(zero_point.to(torch.uint8), fmt.bits)
     return QuantizedTensor(pack_codes(codes, fmt.bits), stored_scale.contiguous(), zp, tuple(x.shape), scheme)

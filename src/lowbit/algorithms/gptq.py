@@ -9,6 +9,8 @@ Details that matter:
 - groups: a group's scale/zero point is chosen when its first column is reached,
   from the *updated* weights of the whole group (with the scheme's absmax, MSE or
   percentile choice);
+- MSE scale search (schemes that ask for it) weighs each column's squared error by
+  its Hessian diagonal, the output error a unit of weight error causes there;
 - act-order: columns with the largest Hessian diagonal go first. We order whole
   groups (by their summed diagonal) and columns inside each group, so every group
   is processed contiguously: its parameters are chosen from up-to-date weights and
@@ -55,12 +57,15 @@ def _column_quantizer(scheme: Scheme, scale: torch.Tensor, zero: torch.Tensor | 
         if zero is None:
             return lambda w: torch.clamp(torch.round(w / s), qmin, qmax) * s
         z = zero.reshape(rows)
+        if scheme.float_zero:
+            return lambda w: torch.clamp(torch.round((w - z) / s), qmin, qmax) * s + z
         return lambda w: (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
     return lambda w: fake_quant_grouped(w.view(rows, 1, 1), scale, zero, scheme).view(rows)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksize: int = 128,
-         percdamp: float = 0.01, act_order: bool = True, name: str = "weight") -> QuantizedTensor:
+         percdamp: float = 0.01, act_order: bool = True, weighted_mse: bool = True,
+         name: str = "weight") -> QuantizedTensor:
     """GPTQ-quantize `weight` [out, in] given the input Hessian [in, in]."""
     check_finite(weight, name)
     W = weight.detach().to(torch.float32).clone()
@@ -81,6 +86,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksi
     perm = torch.cat(order)
     W = W[:, perm]
     H = H[perm][:, perm]
+    # MSE scale search weighted by each input's energy (diag H), where the scheme searches
+    importance = torch.diag(H).clone() if weighted_mse and scheme.scale_method == "mse" else None
     U = _inverse_hessian_factor(H, percdamp)
 
     # Per-row (or per-tensor) parameters come from the whole weight up front; per-group
@@ -89,9 +96,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksi
     local = scheme.with_(granularity="channel", group_size=None) if grouped else scheme
     ng = len(groups)
     scale = torch.zeros(rows, ng) if grouped else None
-    zero = torch.zeros(rows, ng) if grouped and not scheme.symmetric and scheme.number_format.kind == "int" else None
+    zero = torch.zeros(rows, ng) if grouped and scheme.has_zero_point else None
     if not grouped:
-        scale, zero = choose_qparams(weight.detach().float(), scheme)
+        imp = None if importance is None or scheme.granularity == "tensor" else torch.diag(hessian.float())
+        scale, zero = choose_qparams(weight.detach().float(), scheme, imp)
 
     # Blocks hold whole groups (up to `blocksize` columns) so a group never straddles one.
     blocks, start = [], 0
@@ -114,7 +122,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksi
         U1 = U[b0:b1, b0:b1]
         for gi, g0, g1 in members:
             if grouped:
-                s, z = choose_qparams(W1[:, g0 - b0 : g1 - b0], local)
+                imp = None if importance is None else importance[g0:g1]
+                s, z = choose_qparams(W1[:, g0 - b0 : g1 - b0], local, imp)
                 scale[:, gi] = s[:, 0]
                 if zero is not None:
                     zero[:, gi] = z[:, 0]

@@ -3,7 +3,8 @@
 int4pack (`_weight_int4pack_mm_for_cpu`) computes w = (q4 - 8) * scale + zero per
 group of G in {32, 64, 128, 256} dividing in_features. Any 2-, 3- or 4-bit integer
 scheme maps onto it exactly: a b-bit code fits a 4-bit container, a symmetric code
-is re-centred on 8, and an affine zero point z becomes zero = scale * (8 - z). A
+is re-centred on 8, and an affine zero point z becomes zero = scale * (8 - z) (a
+float zero point m, as in GGUF Q4_1, becomes m + 8 * scale). A
 group size the kernel cannot take (per-channel, or 128 on 576 columns, whose last
 group is short) becomes the largest supported size dividing both, with scales
 repeated: the same numbers. What is *not* exact is the dtype the kernel computes
@@ -61,7 +62,12 @@ def _int4_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
         codes = codes - (1 << (s.bits - 1)) + 8  # signed value v stored as v + 8
     scale = qt.scales()  # [n, groups]
     z = qt.zero_points()
-    zero = torch.zeros_like(scale) if z is None else scale * (8 - z)
+    if z is None:
+        zero = torch.zeros_like(scale)
+    elif s.float_zero:  # w = scale * q + z  ==  (q - 8) * scale + (z + 8 * scale)
+        zero = z + 8 * scale
+    else:
+        zero = scale * (8 - z)
     g = s.group_size if s.granularity == "group" else k
     # expand scheme groups onto kernel groups: kernel group j lies in scheme group (j*kg)//g
     idx = (torch.arange(k // kg) * kg) // g

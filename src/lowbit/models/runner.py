@@ -69,10 +69,56 @@ class BlockInputs:
         return BlockInputs(nxt)
 
     @torch.no_grad()
-    def feed(self, block: nn.Module) -> None:
-        """Run `block` for its hooks only, dropping the outputs."""
-        for args, kwargs in self.calls:
-            block(*args, **kwargs)
+    def feed(self, block: nn.Module, stop_after: nn.Module | None = None) -> None:
+        """Run `block` for its hooks only, dropping the outputs (and stopping once
+        `stop_after` has run, when nothing later in the block is needed)."""
+        handle = None
+        if stop_after is not None:
+            def stop(*_):
+                raise _StopForward
+            handle = stop_after.register_forward_hook(stop)
+        try:
+            for args, kwargs in self.calls:
+                try:
+                    block(*args, **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def sequential_stages(block: nn.Module, modules: dict[str, nn.Module], inputs: "BlockInputs") -> list[list[str]]:
+    """Split a block's Linears into the stages inference runs them in.
+
+    Linears that read the same input tensor (q/k/v; gate/up) form one stage; stages are
+    ordered by first call (attention in, attention out, MLP in, MLP out for a Llama
+    block). Found by watching one batch, so it holds for any architecture.
+    """
+    seen: list[tuple[torch.Tensor, str]] = []  # holding the inputs keeps their identity unique
+
+    def hook(name):
+        def h(_mod, inp, _out):
+            if all(n != name for _, n in seen):
+                seen.append((inp[0], name))
+        return h
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        BlockInputs(inputs.calls[:1]).feed(block)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last = None
+    for key, name in seen:
+        if stages and key is last:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last = key
+    missing = [n for n in modules if all(n not in st for st in stages)]
+    return stages + ([missing] if missing else [])
 
 
 class HessianCollector:
@@ -94,7 +140,10 @@ class HessianCollector:
 
         return hook
 
-    def pop(self, name: str) -> torch.Tensor:
+    def pop(self, name: str) -> torch.Tensor | None:
+        """H for `name`, or None if calibration never reached it (the caller rounds to nearest)."""
+        if name not in self.H:
+            return None
         return self.H.pop(name) / max(self.n.pop(name), 1)
 
     def close(self):
@@ -103,13 +152,16 @@ class HessianCollector:
 
 
 def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *, calib: torch.Tensor | None,
-                   batch_size: int = 8, progress: bool = True, desc: str = "quantize") -> dict[str, object]:
+                   batch_size: int = 8, progress: bool = True, desc: str = "quantize",
+                   true_sequential: bool = False) -> dict[str, object]:
     """Quantize the Linears named in `targets` block by block.
 
     quantize_fn(name, weight [out,in], hessian or None) -> QuantizedTensor. With
     calib=None (RTN) no calibration runs and no Hessian is collected. Each block's
     weights are replaced by their dequantized values before its outputs are
-    recomputed, so the next block sees what inference will see.
+    recomputed, so the next block sees what inference will see. With
+    `true_sequential`, the same holds inside a block: each stage's statistics (say
+    o_proj's) are collected after the stages before it (q/k/v) were quantized.
     Returns {module name: QuantizedTensor}.
     """
     prefix, layers = decoder_layers(model)
@@ -120,16 +172,23 @@ def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *,
     for i in bar:
         block = layers[i]
         names = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(block).items() if f"{prefix}.{i}.{n}" in targets}
-        if names:
-            collector = HessianCollector(names) if inputs is not None else None
-            if collector is not None:
-                inputs.feed(block)
-                collector.close()
+        if names and inputs is None:
             for name, mod in names.items():
-                H = collector.pop(name) if collector is not None else None
-                qt = quantize_fn(name, linear_weight(mod), H)
+                qt = quantize_fn(name, linear_weight(mod), None)
                 set_linear_weight(mod, qt.dequantize())
                 results[name] = qt
+        elif names:
+            stages = sequential_stages(block, names, inputs) if true_sequential else [list(names)]
+            for stage in stages:
+                collector = HessianCollector({n: names[n] for n in stage})
+                # stages come in call order, so nothing after a stage's last Linear is needed
+                inputs.feed(block, stop_after=names[stage[-1]] if true_sequential else None)
+                collector.close()
+                for name in stage:
+                    mod = names[name]
+                    qt = quantize_fn(name, linear_weight(mod), collector.pop(name))
+                    set_linear_weight(mod, qt.dequantize())
+                    results[name] = qt
         if inputs is not None:
             inputs = inputs.run(block)
         bar.set_postfix_str(f"{time.time() - t0:.0f}s")
