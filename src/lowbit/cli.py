@@ -1,4 +1,4 @@
-"""`lowbit` command line: demo | quantize | eval | export | import | plan | bench | generate | schemes.
+"""`lowbit` command line: demo | quantize | eval | analyze | export | import | plan | bench | generate | schemes.
 
 User mistakes print one line and exit 2; bugs keep their traceback.
 """
@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     _add_export_args(p, "also write the model in this serving format to --export-out")
     p.add_argument("--export-out", help="where --format writes (a directory; a .gguf file for gguf)")
+    p.add_argument("--report", metavar="HTML", help="also write an HTML report (quality vs float on held-out text, task probes) and its JSON")
+    p.add_argument("--report-windows", type=int, default=16, help="held-out windows for --report (default: 16)")
+
+    p = sub.add_parser("analyze", help="why a scheme works or breaks: outliers, sensitivity, studies, task probes -> HTML report")
+    _add_model_source(p)
+    _add_text_args(p, default_seq_len=256)
+    p.add_argument("--sets", type=int, default=4, help="disjoint text sets for outlier persistence (plus the probe prompts) (default: 4)")
+    p.add_argument("--windows", type=int, default=4, help="windows per text set (default: 4)")
+    p.add_argument("--probes", metavar="FILE", help="extra probe prompts: JSONL {prompt, category} or one prompt per line")
+    p.add_argument("--probe-schemes", default="w4a16-g64-asym,w3a16-g64-asym", help="schemes (RTN) whose generations are compared with float (default: w4a16-g64-asym,w3a16-g64-asym)")
+    p.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per probe (default: 24)")
+    p.add_argument("--sensitivity-scheme", default="w3a16-g64-asym", help="scheme for one-layer-at-a-time sensitivity (default: w3a16-g64-asym)")
+    p.add_argument("--sensitivity-windows", type=int, default=2, help="held-out windows of 128 tokens for sensitivity (default: 2)")
+    p.add_argument("--out", default="report.html", help="HTML report; the JSON goes beside it (default: report.html)")
 
     p = sub.add_parser("export", help="write a lowbit output as compressed-tensors (vLLM), GGUF (llama.cpp) or GPTQ")
     p.add_argument("model", metavar="DIR", help="a lowbit output directory (from 'lowbit quantize')")
@@ -171,6 +185,7 @@ _COMMANDS = {
     "demo": _lazy("commands", "cmd_demo"),
     "quantize": _lazy("commands", "cmd_quantize"),
     "eval": _lazy("commands", "cmd_eval"),
+    "analyze": _lazy("commands", "cmd_analyze"),
     "plan": _lazy("commands", "cmd_plan"),
     "bench": _lazy("commands", "cmd_bench"),
     "generate": _lazy("commands", "cmd_generate"),

@@ -20,16 +20,72 @@ def _progress(args) -> bool:
 def cmd_quantize(args) -> int:
     if args.format and not args.export_out:
         raise UserError("--format needs --export-out (where the exported model goes)")
+    if args.report:
+        _check_report_path(args.report)
     res = quantize(args.model, args.scheme, args.method, calib=args.calib, text_field=args.text_field,
                    samples=args.samples, seq_len=args.seq_len, seed=args.seed, out=args.out,
                    include=args.include, exclude=args.exclude, progress=_progress(args))
     if args.format:
         rep = _export(res.model, res.tokenizer, args.format, args.export_out, args.model, args.out, args)
         print(f"exported {args.format} -> {args.export_out}: {rep}")
+    if args.report:
+        html_path, _ = _quantize_report(args, res)
+        print(f"report -> {html_path}")
     b = res.info["bytes"]
     print(f"quantized {len(res.qtensors)} Linear layers of {args.model} with {args.method} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
           f"{b['float_bytes'] / 1e6:.1f} MB float)")
+    return 0
+
+
+def _check_report_path(path: str) -> None:
+    from pathlib import Path
+
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"report {path!r}: folder {parent} does not exist")
+
+
+def _quantize_report(args, res):
+    """Quality against the float original on held-out text, and task probes, as a report."""
+    from .analysis.probes import load_probes, run_probes
+    from .analysis.report import write_report
+    from .models.load import load_float
+    from .runtime import dequantized
+
+    base, tok = load_float(args.model)
+    _, windows = text_windows(tok, args.calib, args.text_field, args.seq_len, eval_max=args.report_windows)
+    metrics = evaluate_many({"float": base, "quantized": res.model}, windows, base, progress=_progress(args))
+    rows = [{"method": "float", "scheme": "-", "seconds": 0.0, "model_bytes": model_bytes(base, torch.float16)["total_bytes"],
+             **metrics["float"]},
+            {"method": args.method, "scheme": res.info["recipe"]["scheme"]["name"], "seconds": res.seconds,
+             "model_bytes": res.info["bytes"]["total_bytes"], **metrics["quantized"]}]
+    quality = {"evaluation": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}, "rows": rows}
+    probes = run_probes(base, {"quantized": dequantized(res.model)}, tok, load_probes(None))
+    report = {"kind": "quantize", "model": args.model, "method": args.method, "scheme": rows[1]["scheme"],
+              "seconds": res.seconds, "quality": quality, "probes": probes}
+    return write_report(report, args.report)
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze
+    from .analysis.findings import findings, recommend
+    from .analysis.report import write_report
+
+    check_text_source(args.text)
+    _check_report_path(args.out)
+    res = analyze(args.model, text=args.text, text_field=args.text_field, seq_len=args.seq_len, sets=args.sets,
+                  windows=args.windows, probe_file=args.probes,
+                  probe_schemes=[s.strip() for s in args.probe_schemes.split(",") if s.strip()],
+                  new_tokens=args.new_tokens, sensitivity_scheme=args.sensitivity_scheme,
+                  sensitivity_windows=args.sensitivity_windows, progress=_progress(args))
+    html_path, json_path = write_report(res, args.out)
+    for line in findings(res):
+        print("- " + line)
+    print("\nrecommendation:")
+    for line in recommend(res):
+        print("- " + line)
+    print(f"\nreport -> {html_path} (figures: {json_path}); {res['seconds']:.0f}s")
     return 0
 
 
@@ -230,4 +286,4 @@ def cmd_generate(args) -> int:
     return 0
 
 
-__all__ = ["cmd_bench", "cmd_demo", "cmd_eval", "cmd_generate", "cmd_plan", "cmd_quantize"]
+__all__ = ["cmd_analyze", "cmd_bench", "cmd_demo", "cmd_eval", "cmd_generate", "cmd_plan", "cmd_quantize"]

@@ -164,3 +164,19 @@ def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Sch
         if best_zero is not None:
             best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def fake_quantize(x: torch.Tensor, scheme: Scheme, clip: float = 1.0) -> torch.Tensor:
+    """Quantize-dequantize `x` (reduction along its last dim) in float32: what the
+    stored codes would decode to. `clip` < 1 shrinks every group's absmax/minmax range
+    (the clipping study); the scheme's own scale method applies when clip is 1."""
+    shape = x.shape
+    x2 = as_2d(x.detach()).to(torch.float32)
+    xg = group_view(x2, scheme)
+    if clip == 1.0:
+        scale, zero = choose_qparams(x2, scheme)
+    else:
+        lo = torch.where(torch.isnan(xg), torch.inf, xg).amin(-1)
+        hi = torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1)
+        scale, zero = qparams_from_range(lo * clip, hi * clip, scheme)
+    return ungroup(fake_quant_grouped(xg, scale, zero, scheme), *x2.shape).reshape(shape)

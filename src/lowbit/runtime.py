@@ -104,6 +104,22 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy whose QuantLinears are nn.Linears holding the dequantized weights: the same
+    function as the reference path, without unpacking codes on every call (for fp32
+    greedy decoding in probes, where the reference path's per-call dequantize dominates)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, q in quantized_modules(out).items():
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype)
+        lin.weight.data = q.qweight.dequantize(dtype)
+        if q.bias is not None:
+            lin.bias.data = q.bias.detach().to(dtype)
+        replace_module(out, name, lin)
+    return out
+
+
 def install(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> nn.Module:
     """Swap each named Linear (or GPT-2 Conv1D) for a QuantLinear holding its QuantizedTensor."""
     for name, qt in qtensors.items():

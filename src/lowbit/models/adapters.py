@@ -33,6 +33,18 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise UserError(f"unsupported architecture {type(model).__name__}: cannot find its decoder blocks; expected one of: {expected}")
 
 
+# Final norm before the LM head, same families as LAYER_PATHS.
+FINAL_NORM_PATHS = ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f", "gpt_neox.final_layer_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    for path in FINAL_NORM_PATHS:
+        m = _get(model, path)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
 def is_linear(m: nn.Module) -> bool:
     """nn.Linear, or GPT-2's Conv1D (a Linear with a transposed weight)."""
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
