@@ -34,7 +34,8 @@ class _Acc:
         }
 
 
-def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """log P(token t+1 | tokens <= t) for every position but the last, float32."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     return F.log_softmax(logits.float(), dim=-1)
 
@@ -46,11 +47,11 @@ def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, baseline:
     accs = {name: _Acc() for name in models}
     for batch in tqdm(windows.split(batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
         targets = batch[:, 1:]
-        base = _logprobs(baseline, batch) if baseline is not None else None
+        base = next_token_logprobs(baseline, batch) if baseline is not None else None
         base_p = base.exp() if base is not None else None
         for name, model in models.items():
             t = time.time()
-            lp = base if model is baseline else _logprobs(model, batch)
+            lp = base if model is baseline else next_token_logprobs(model, batch)
             acc = accs[name]
             acc.seconds += time.time() - t
             acc.nll += float(-lp.gather(-1, targets.unsqueeze(-1)).sum())

@@ -115,6 +115,12 @@ def dequantize_grouped(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | N
     return (q - z) * s if z is not None else q * s
 
 
+def group_range(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) of a grouped view, ignoring the NaN padding."""
+    return (torch.where(torch.isnan(xg), torch.inf, xg).amin(-1),
+            torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1))
+
+
 def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None):
     """Scales [R, G] (float32, stored precision) and zero points (float32 integers) or None.
 
@@ -133,8 +139,7 @@ def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | N
             hi = torch.nanquantile(xg, q, dim=-1)
             lo = torch.nanquantile(xg, 1.0 - q, dim=-1)
         return qparams_from_range(lo, hi, scheme)
-    lo = torch.where(torch.isnan(xg), torch.inf, xg).amin(-1)
-    hi = torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1)
+    lo, hi = group_range(xg)
     if scheme.scale_method == "absmax":
         return qparams_from_range(lo, hi, scheme)
     w = None
@@ -176,7 +181,6 @@ def fake_quantize(x: torch.Tensor, scheme: Scheme, clip: float = 1.0) -> torch.T
     if clip == 1.0:
         scale, zero = choose_qparams(x2, scheme)
     else:
-        lo = torch.where(torch.isnan(xg), torch.inf, xg).amin(-1)
-        hi = torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1)
+        lo, hi = group_range(xg)
         scale, zero = qparams_from_range(lo * clip, hi * clip, scheme)
     return ungroup(fake_quant_grouped(xg, scale, zero, scheme), *x2.shape).reshape(shape)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import sys
 import time
 
@@ -19,7 +18,7 @@ from ..models.adapters import decoder_layers, linear_weight
 from .collect import KIND_LABEL, ActivationCollector, linear_kind
 from .outliers import OUTLIER_RATIO, PERSISTENT_FRACTION, persistence
 from .probes import load_probes, run_probes
-from .sensitivity import WEIGHT_SCHEMES, block_linears, layer_sensitivity, weight_errors
+from .sensitivity import WEIGHT_SCHEMES, block_index, block_linears, layer_sensitivity, weight_errors
 from .stats import weight_stats
 from .studies import clipping_curve, error_vs_bits, metadata_overhead, sym_vs_affine
 
@@ -105,11 +104,12 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
 
     log("analyze: weights ...")
     linears = block_linears(model)
+    block_of = block_index(model)
     werr = weight_errors(model)
     wstats = {n: weight_stats(linear_weight(m)) for n, m in linears.items()}
 
     log("analyze: studies on real tensors ...")
-    studies = _studies(model, col, blocks)
+    studies = _studies(model, col, blocks, block_of)
     timings["weights_and_studies"], t = time.time() - t, time.time()
 
     log(f"analyze: per-layer sensitivity ({sensitivity_scheme}, one layer at a time) ...")
@@ -138,7 +138,7 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
                   "persistent_rule": f"an outlier on >= {PERSISTENT_FRACTION:.0%} of the {len(tsets)} text sets"},
         "kind_labels": KIND_LABEL, "representative_blocks": list(blocks), "num_blocks": len(layers),
         "sites": sites,
-        "weights": [{"name": n, "kind": linear_kind(n), "block": _block_of(n), **wstats[n],
+        "weights": [{"name": n, "kind": linear_kind(n), "block": block_of[n], **wstats[n],
                      "rel_mse": werr[n]} for n in linears],
         "weight_schemes": WEIGHT_SCHEMES,
         "studies": studies,
@@ -148,18 +148,13 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
     }
 
 
-def _block_of(name: str) -> int:
-    m = re.search(r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else -1
-
-
-def _studies(model, col: ActivationCollector, blocks) -> dict:
+def _studies(model, col: ActivationCollector, blocks, block_of: dict[str, int]) -> dict:
     mid = blocks[len(blocks) // 2]
     lin = block_linears(model)
-    weights = [linear_weight(m).detach().float() for n, m in lin.items() if _block_of(n) in blocks]
+    weights = [linear_weight(m).detach().float() for n, m in lin.items() if block_of[n] in blocks]
     acts = [col.samples(s) for s in col.sites.values() if s.block in blocks and s.sample]
     down_site = next((s for s in col.sites.values() if s.block == mid and s.kind == "down"), None)
-    down_w = next((linear_weight(m).detach().float() for n, m in lin.items() if _block_of(n) == mid and linear_kind(n) == "down"), None)
+    down_w = next((linear_weight(m).detach().float() for n, m in lin.items() if block_of[n] == mid and linear_kind(n) == "down"), None)
     silu = torch.cat(col.act_fn_samples[mid]) if mid in col.act_fn_samples else None
     out = {
         "weights_error_vs_bits": error_vs_bits(weights, activation=False),

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.adapters import decoder_layers, final_norm, is_linear, linear_weight, set_linear_weight
+from ..evaluate import next_token_logprobs
 from ..models.runner import BlockInputs
 from ..observe import fake_quantize
 from ..scheme import Scheme
@@ -48,8 +49,7 @@ def weight_errors(model: nn.Module, schemes: dict[str, str] = WEIGHT_SCHEMES) ->
 
 
 def _logprobs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([F.log_softmax(model(input_ids=b, use_cache=False).logits[:, :-1].float(), -1)
-                      for b in windows.split(batch_size)])
+    return torch.cat([next_token_logprobs(model, b) for b in windows.split(batch_size)])
 
 
 class _Tail:
@@ -72,7 +72,8 @@ class _Tail:
         return torch.cat([F.log_softmax(self.head(self.norm(x))[:, :-1].float(), -1) for x in outs])
 
 
-def _block_index(model: nn.Module) -> dict[str, int]:
+def block_index(model: nn.Module) -> dict[str, int]:
+    """{full Linear name: its block number}."""
     prefix, layers = decoder_layers(model)
     return {f"{prefix}.{i}.{n}": i for i, layer in enumerate(layers) for n, m in layer.named_modules() if is_linear(m)}
 
@@ -89,7 +90,7 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, scheme: str = "w3
     tail = _Tail(model, windows, batch_size) if final_norm(model) is not None else None
     if tail is not None and not torch.allclose(tail.logprobs(0), base, atol=1e-4, rtol=1e-4):
         tail = None  # a head this shortcut does not model (softcapping, projections): full forwards
-    block_of = _block_index(model)
+    block_of = block_index(model)
     rows = []
     for name, mod in tqdm(block_linears(model).items(), desc="analyze: sensitivity", unit="layer",
                           disable=not progress, leave=False):

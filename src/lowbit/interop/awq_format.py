@@ -12,7 +12,6 @@ which is lowbit's affine int4 with integer zero points: the import moves bits on
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..scheme import Scheme
 from ..tensor import QuantizedTensor, pack_codes
-from .checkpoint import assemble, read_checkpoint
+from .checkpoint import assemble, quantization_config, read_checkpoint, take_qtensors
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -54,18 +53,12 @@ def import_awq(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, {module: QuantizedTensor}) from an AutoAWQ GEMM checkpoint."""
     path = Path(path)
     cfg, tensors = read_checkpoint(path)
-    qc = cfg.get("quantization_config") or {}
-    if (path / "quant_config.json").is_file():
-        qc = {**json.loads((path / "quant_config.json").read_text()), **qc}
+    qc = quantization_config(path, cfg, "quant_config.json")
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     version = str(qc.get("version", "gemm")).lower()
     if bits != 4 or version != "gemm":
         raise UserError(f"{path}: AWQ {bits}-bit '{version}' layout is not supported (4-bit gemm is)")
     group = int(qc.get("group_size", qc.get("q_group_size", 128)))
-    names = [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]
-    qts = {n: qtensor_from_awq(tensors, n, group) for n in names}
-    for n in names:
-        for leaf in ("qweight", "qzeros", "scales"):
-            tensors.pop(f"{n}.{leaf}", None)
+    qts = take_qtensors(tensors, ("qweight", "qzeros", "scales"), lambda n: qtensor_from_awq(tensors, n, group))
     model, tok = assemble(path, qts, tensors, dtype)
     return model, tok, qts

@@ -58,6 +58,30 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
+def quantization_config(path: Path, cfg: dict, side_file: str) -> dict:
+    """config.json's quantization_config over the loader's own side file (e.g.
+    quantize_config.json), which older checkpoints carry instead."""
+    qc = cfg.get("quantization_config") or {}
+    side = path / side_file
+    if side.is_file():
+        try:
+            qc = {**json.loads(side.read_text()), **qc}
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{side}: unreadable ({e})") from None
+    return qc
+
+
+def take_qtensors(tensors: dict[str, torch.Tensor], leaves: tuple[str, ...], build) -> dict:
+    """{module: build(module)} for every module with a `.qweight`; its packed `leaves`
+    are removed from `tensors`, leaving the float parts for assemble()."""
+    names = [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]
+    qts = {n: build(n) for n in names}
+    for n in names:
+        for leaf in leaves:
+            tensors.pop(f"{n}.{leaf}", None)
+    return qts
+
+
 def assemble(path: str | Path, qtensors: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
     """(model, tokenizer): the config's architecture, QuantLinears for `qtensors`, the rest from `tensors`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

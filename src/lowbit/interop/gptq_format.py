@@ -16,7 +16,6 @@ always the plain i // group_size (desc_act false).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ import torch
 from ..errors import UserError
 from ..scheme import Scheme
 from ..tensor import QuantizedTensor, pack_codes
-from .checkpoint import assemble, float_tensors, read_checkpoint, write_checkpoint
+from .checkpoint import (assemble, float_tensors, quantization_config, read_checkpoint, take_qtensors,
+                         write_checkpoint)
 
 BITS = (2, 4, 8)
 
@@ -133,19 +133,14 @@ def import_gptq(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, {module: QuantizedTensor}) from a GPTQ-format checkpoint."""
     path = Path(path)
     cfg, tensors = read_checkpoint(path)
-    qc = cfg.get("quantization_config") or {}
-    if (path / "quantize_config.json").is_file():
-        qc = {**json.loads((path / "quantize_config.json").read_text()), **qc}
+    qc = quantization_config(path, cfg, "quantize_config.json")
     if qc.get("quant_method", "gptq") != "gptq" or qc.get("checkpoint_format", "gptq") != "gptq":
         raise UserError(f"{path}: not a GPTQ v1 checkpoint (quant_method {qc.get('quant_method')!r}, "
                         f"checkpoint_format {qc.get('checkpoint_format')!r})")
     bits, group, sym = int(qc.get("bits", 0)), int(qc.get("group_size", -1)), bool(qc.get("sym", True))
     if bits not in BITS:
         raise UserError(f"{path}: {bits}-bit GPTQ packing is not supported (2, 4, 8)")
-    names = [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]
-    qts = {n: qtensor_from_gptq(tensors, n, bits, group, sym) for n in names}
-    for n in names:
-        for leaf in ("qweight", "qzeros", "scales", "g_idx"):
-            tensors.pop(f"{n}.{leaf}", None)
+    qts = take_qtensors(tensors, ("qweight", "qzeros", "scales", "g_idx"),
+                        lambda n: qtensor_from_gptq(tensors, n, bits, group, sym))
     model, tok = assemble(path, qts, tensors, dtype)
     return model, tok, qts
