@@ -6,7 +6,7 @@ import torch
 from .data import check_text_source, text_windows
 from .errors import UserError
 from .models.load import load_float, resolve_source
-from .pipeline import GPTQOptions, QuantizeResult, quantize_model
+from .pipeline import GPTQOptions, Method, MethodOptions, QuantizeResult, quantize_model
 from .runtime import check_output_dir, load_quantized, save_quantized
 from .scheme import Recipe, Scheme
 
@@ -34,30 +34,31 @@ def make_recipe(scheme: str | Scheme, method: str = "gptq", include: list[str] |
         recipe.include = list(include)
     if exclude is not None:
         recipe.exclude = list(exclude)
-    if recipe.scheme.activations is not None:
-        raise UserError(f"{recipe.scheme.name} quantizes activations; this version runs weight-only schemes "
-                        "(w{2..8}a16[-gG], nf4, mxfp4, ...)")
+    recipe.method = Method.parse(method).name  # a clear error for an unknown method, before any work
     return recipe
 
 
 def quantize(model: str, scheme: str | Scheme = "w4a16-g64", method: str = "gptq", *, calib: str = "wiki",
              text_field: str = "text", samples: int = 128, seq_len: int = 512, seed: int = 0,
              out: str | None = None, include: list[str] | None = None, exclude: list[str] | None = None,
-             gptq_options: GPTQOptions | None = None, progress: bool = True) -> QuantizeResult:
+             gptq_options: GPTQOptions | None = None, method_options: MethodOptions | None = None,
+             recipe: Recipe | None = None, progress: bool = True) -> QuantizeResult:
     """Quantize a model source; save it to `out` if given. Returns the QuantizeResult
     (its .model is ready to run, .info has the recipe, bytes and timing)."""
-    recipe = make_recipe(scheme, method, include, exclude)
-    if method != "rtn":
+    recipe = recipe or make_recipe(scheme, method, include, exclude)
+    needs_calib = Method.parse(recipe.method).needs_calibration(recipe.scheme)
+    if needs_calib:
         check_text_source(calib)
     if out:
         check_output_dir(out)  # before hours of work, not after
     torch.manual_seed(seed)
     fmodel, tok = load_float(model)
     calib_ids = None
-    if method != "rtn":
+    if needs_calib:
         calib_ids, _ = text_windows(tok, calib, text_field, seq_len, calib_samples=samples, seed=seed)
-    res = quantize_model(fmodel, recipe, calib_ids, gptq_options=gptq_options, progress=progress)
-    res.info.update({"source": model, "calib": calib if method != "rtn" else None, "seed": seed})
+    res = quantize_model(fmodel, recipe, calib_ids, gptq_options=gptq_options, method_options=method_options,
+                         progress=progress)
+    res.info.update({"source": model, "calib": calib if needs_calib else None, "seed": seed})
     res.tokenizer = tok
     if out:
         save_quantized(res.model, tok, out, res.info)

@@ -11,7 +11,7 @@ from .api import make_recipe
 from .data import text_windows
 from .evaluate import evaluate_many
 from .models.load import load_float
-from .pipeline import quantize_model
+from .pipeline import Method, quantize_model
 from .runtime import model_bytes
 
 
@@ -26,18 +26,19 @@ def compare(source: str = "smollm2-135m", variants: list[tuple[str, str]] = (), 
     t0 = time.time()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     base, tok = load_float(source)
-    needs_calib = any(m != "rtn" for m, _ in variants)
+    recipes = [make_recipe(scheme, method) for method, scheme in variants]
+    needs_calib = any(Method.parse(r.method).needs_calibration(r.scheme) for r in recipes)
     calib, windows = text_windows(tok, text, "text", seq_len, calib_samples=samples if needs_calib else None,
                                   eval_max=max_windows, seed=seed)
     rows = [{"method": "float", "scheme": "fp16 storage", "seconds": 0.0, **_bytes(base)}]
     models = {}
-    for method, scheme in variants:
-        recipe = make_recipe(scheme, method)
-        log(f"{method} {recipe.scheme.name} ...")
+    for recipe in recipes:
+        log(f"{recipe.method} {recipe.scheme.name} ...")
         torch.manual_seed(seed)
-        res = quantize_model(copy.deepcopy(base), recipe, calib if method != "rtn" else None, progress=progress)
-        models[f"{method} {recipe.scheme.name}"] = res.model
-        rows.append({"method": method, "scheme": recipe.scheme.name, "seconds": res.seconds, **_bytes(res.model)})
+        needs = Method.parse(recipe.method).needs_calibration(recipe.scheme)
+        res = quantize_model(copy.deepcopy(base), recipe, calib if needs else None, progress=progress)
+        models[f"{recipe.method} {recipe.scheme.name}"] = res.model
+        rows.append({"method": recipe.method, "scheme": recipe.scheme.name, "seconds": res.seconds, **_bytes(res.model)})
     log("evaluating against the float model ...")
     metrics = evaluate_many({"float": base, **models}, windows, base, progress=progress)
     for row, m in zip(rows, metrics.values()):

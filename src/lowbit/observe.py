@@ -121,15 +121,22 @@ def group_range(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1))
 
 
-def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None):
+def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None,
+                   hessian: torch.Tensor | None = None):
     """Scales [R, G] (float32, stored precision) and zero points (float32 integers) or None.
 
     `importance` [cols] weights each column's squared error in the MSE search (GPTQ
     passes the Hessian diagonal: an input channel that carries more energy costs more
-    output error per unit of weight error).
+    output error per unit of weight error). `hessian` [cols, cols] (the inputs' X^T X / n)
+    makes the search minimise each group's *output* error e H e^T instead (AWQ's clipping
+    search): it runs whatever the scheme's scale method, since asking for it is asking
+    for a search.
     """
     x = as_2d(x).to(torch.float32)
     xg = group_view(x, scheme)
+    if hessian is not None:
+        lo, hi = group_range(xg)
+        return output_error_search(xg, lo, hi, scheme, hessian)
     if scheme.scale_method == "percentile":
         q = scheme.percentile / 100.0
         if scheme.symmetric:
@@ -169,6 +176,59 @@ def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Sch
         if best_zero is not None:
             best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+# AWQ's clipping grid: 20 shrink factors from 1.0 down to 0.525.
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(20))
+
+
+def hessian_blocks(hessian: torch.Tensor, scheme: Scheme, cols: int) -> torch.Tensor:
+    """[groups, g, g] diagonal blocks of H, one per group of columns (zero-padded for a short last group)."""
+    if scheme.granularity in ("channel", "token"):
+        return hessian.to(torch.float32).unsqueeze(0)
+    if scheme.granularity == "tensor":
+        raise ValueError("an output-error clipping search needs per-channel or per-group parameters")
+    g = scheme.group_size
+    ng = math.ceil(cols / g)
+    h = torch.nn.functional.pad(hessian.to(torch.float32), (0, ng * g - cols, 0, ng * g - cols))
+    idx = torch.arange(ng)
+    return h.reshape(ng, g, ng, g)[idx, :, idx, :]
+
+
+def output_error_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme,
+                        hessian: torch.Tensor):
+    """Per group, the clip p*[lo, hi] (p in CLIP_GRID) with the least e H_gg e^T, where e is
+    the group's weight error and H_gg its block of the input Hessian: the squared output
+    error that group adds on the calibration inputs."""
+    hb = hessian_blocks(hessian, scheme, hessian.shape[0])
+    best_err = torch.full(lo.shape, torch.inf)
+    best_scale = torch.zeros_like(lo)
+    best_zero = torch.zeros_like(lo) if scheme.has_zero_point else None
+    for p in CLIP_GRID:
+        scale, zero = qparams_from_range(lo * p, hi * p, scheme)
+        e = (fake_quant_grouped(xg, scale, zero, scheme) - xg).nan_to_num(0.0)
+        err = torch.einsum("rgi,gij,rgj->rg", e, hb, e)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if best_zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize_activations(x: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What an A8/A4 kernel multiplies: `x` rounded onto the activation grid and decoded
+    back, in x's dtype. Dynamic schemes take one scale per token (row) from its absmax;
+    a static scheme uses the calibrated `scale` (per tensor)."""
+    shape, dtype = x.shape, x.dtype
+    x2 = as_2d(x).to(torch.float32)
+    if scale is None:
+        if not scheme.dynamic:
+            raise ValueError(f"static activation scheme {scheme.name} needs a calibrated scale")
+        return fake_quantize(x2, scheme).reshape(shape).to(dtype)
+    s = scale.to(torch.float32).reshape(1, 1)
+    xg = x2.reshape(1, 1, -1)
+    return fake_quant_grouped(xg, s, None, scheme).reshape(shape).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, scheme: Scheme, clip: float = 1.0) -> torch.Tensor:

@@ -13,8 +13,9 @@ from .errors import UserError
 from .models.adapters import is_linear
 from .models.runner import run_sequential
 from .runtime import QuantLinear, install, model_bytes, round_float_parts
+from .observe import choose_qparams
 from .scheme import Recipe, Scheme
-from .tensor import QuantizedTensor
+from .tensor import QuantizedTensor, quantize_tensor
 
 
 @dataclass
@@ -48,37 +49,149 @@ def target_modules(model: nn.Module, recipe: Recipe) -> dict[str, Scheme]:
     return out
 
 
+TRANSFORMS = ("rotate", "smoothquant", "awq", "outlier-split")
+QUANTIZERS = ("rtn", "gptq", "qat")
+METHOD_FORMS = ("rtn, gptq, awq, smoothquant, outlier-split, rotate, qat, or a composition joined by '+' "
+                "(e.g. awq+gptq, smoothquant+gptq, rotate+gptq, outlier-split+gptq, rotate+qat)")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method string parsed: transforms that run before rounding, and the quantizer.
+
+    'awq' alone rounds to nearest with AWQ's output-error clipping search; 'smoothquant',
+    'rotate' and 'outlier-split' alone round to nearest; '+gptq' or '+qat' replaces the rounding.
+    """
+
+    rotate: bool = False
+    smooth: str | None = None  # 'smoothquant' | 'awq'
+    outlier_split: bool = False
+    quantizer: str = "rtn"
+
+    @classmethod
+    def parse(cls, text: str) -> "Method":
+        parts = [p.strip() for p in str(text).lower().split("+") if p.strip()]
+        bad = [p for p in parts if p not in TRANSFORMS + QUANTIZERS]
+        if not parts or bad or len(set(parts)) != len(parts):
+            raise UserError(f"unknown method {text!r}; choose {METHOD_FORMS}")
+        quantizers = [p for p in parts if p in QUANTIZERS]
+        if len(quantizers) > 1:
+            raise UserError(f"method {text!r} names two quantizers ({', '.join(quantizers)}); pick one")
+        smooth = [p for p in parts if p in ("smoothquant", "awq")]
+        if len(smooth) > 1:
+            raise UserError("smoothquant and awq both fold per-channel scales; pick one")
+        if "rotate" in parts and smooth:
+            raise UserError(f"rotate already spreads outliers across channels; combine it with rtn, gptq or qat, not {smooth[0]}")
+        return cls(rotate="rotate" in parts, smooth=smooth[0] if smooth else None,
+                   outlier_split="outlier-split" in parts, quantizer=quantizers[0] if quantizers else "rtn")
+
+    @property
+    def name(self) -> str:
+        parts = (["rotate"] if self.rotate else []) + ([self.smooth] if self.smooth else []) \
+            + (["outlier-split"] if self.outlier_split else [])
+        if self.quantizer != "rtn" or not parts:
+            parts.append(self.quantizer)
+        return "+".join(parts)
+
+    def needs_calibration(self, scheme: Scheme) -> bool:
+        static_acts = scheme.activations is not None and not scheme.activations.dynamic
+        return self.quantizer != "rtn" or self.smooth is not None or self.outlier_split or static_acts
+
+
+@dataclass
+class MethodOptions:
+    smoothquant_alpha: float = 0.5  # SmoothQuant's migration strength
+    outlier_threshold: float = 6.0  # LLM.int8(): input channels whose |x| reaches this stay in float
+    rotation_seed: int = 0
+    qat: "object | None" = None  # QATOptions; defaults when None
+
+
+def static_act_scale(amax: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """One per-tensor scale that covers the calibrated range, rounded as stored."""
+    from .observe import qparams_from_range
+
+    a = amax.max().reshape(1, 1)
+    return qparams_from_range(-a, a, scheme)[0].reshape(1)
+
+
 def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None, *,
-                   gptq_options: GPTQOptions | None = None, batch_size: int = 8, progress: bool = True,
+                   gptq_options: GPTQOptions | None = None, method_options: MethodOptions | None = None,
+                   batch_size: int = 8, progress: bool = True,
                    float_dtype: torch.dtype = torch.float16) -> QuantizeResult:
     """Quantize `model` in place (its Linears become QuantLinears)."""
-    targets = target_modules(model, recipe)
+    plan = Method.parse(recipe.method)
     opts = gptq_options or GPTQOptions()
-    if recipe.method == "gptq":
-        if calib is None:
-            raise UserError("GPTQ needs calibration text")
-
-        def fn(name, w, H):
-            if H is None:  # outside the decoder blocks (e.g. lm_head when included)
-                return rtn(w, targets[name], name)
-            return gptq(w, H, targets[name], blocksize=opts.blocksize, percdamp=opts.percdamp,
-                        act_order=opts.act_order, weighted_mse=opts.weighted_mse, name=name)
-    elif recipe.method == "rtn":
-        calib = None
-
-        def fn(name, w, H):
-            return rtn(w, targets[name], name)
-    else:
-        raise UserError(f"unknown method {recipe.method!r}; choose rtn or gptq")
+    mopts = method_options or MethodOptions()
+    if plan.needs_calibration(recipe.scheme) and calib is None:
+        raise UserError(f"{plan.name} with {recipe.scheme.name} needs calibration text")
+    info: dict = {"method": plan.name}
     t0 = time.time()
+    if plan.rotate:
+        from .algorithms.rotate import rotate_model
+        info["rotation"] = rotate_model(model, seed=mopts.rotation_seed)
+    targets = target_modules(model, recipe)
+    if plan.rotate:
+        left = [n for n, m in model.named_modules() if getattr(m, "input_transform", None) and n not in targets]
+        if left:
+            raise UserError(f"rotate moves an online Hadamard into {left[0]}; the recipe must quantize it (it excludes {len(left)} such layers)")
+    if not plan.needs_calibration(recipe.scheme):
+        calib = None
+    prepare = None
+    if plan.smooth:
+        from .algorithms.smooth import make_prepare
+        from .models.adapters import attention_heads
+        prepare, fold_log = make_prepare(plan.smooth, targets, attention_heads(model), mopts.smoothquant_alpha)
+        info[plan.smooth] = fold_log
+    extras: dict[str, dict] = {}
+
+    def fn(name, w, st):
+        scheme = targets[name]
+        H = st.H if st is not None else None
+        if plan.outlier_split and st is not None:
+            cols = torch.nonzero(st.amax >= mopts.outlier_threshold).flatten()
+            if cols.numel():
+                extras[name] = {"float_cols": cols, "float_weight": w[:, cols].detach().to(float_dtype)}
+                w = w.detach().clone()
+                w[:, cols] = 0  # those inputs multiply the float copy; nothing left to round
+                if H is not None:
+                    H = H.clone()
+                    H[cols, :] = 0
+                    H[:, cols] = 0
+        if H is None:
+            return rtn(w, scheme, name)
+        if plan.quantizer == "gptq":
+            return gptq(w, H, scheme, blocksize=opts.blocksize, percdamp=opts.percdamp,
+                        act_order=opts.act_order, weighted_mse=opts.weighted_mse, name=name)
+        if plan.smooth == "awq" and scheme.granularity != "tensor":
+            return quantize_tensor(w, scheme, **dict(zip(("scale", "zero_point"), choose_qparams(w, scheme, hessian=H))), name=name)
+        return rtn(w, scheme, name)
+
+    act_amax = {} if any(s.activations is not None and not s.activations.dynamic for s in targets.values()) else None
     qts = run_sequential(model, targets, fn, calib=calib, batch_size=batch_size, progress=progress,
-                         desc=f"{recipe.method} {recipe.scheme.name}", true_sequential=opts.true_sequential)
-    install(model, qts)
+                         desc=f"{plan.name} {recipe.scheme.name}", true_sequential=opts.true_sequential,
+                         prepare=prepare, hessian=plan.quantizer == "gptq" or plan.smooth == "awq",
+                         act_amax=act_amax)
+    for name, amax in (act_amax or {}).items():
+        acts = targets[name].activations
+        if acts is not None and not acts.dynamic:
+            a = amax.clone()
+            if name in extras:
+                a[extras[name]["float_cols"]] = 0
+            extras.setdefault(name, {})["act_scale"] = static_act_scale(a, acts)
+    if plan.quantizer == "qat":
+        from .algorithms.qat import qat_finetune
+        qts, info["qat"] = qat_finetune(model, qts, calib, targets, mopts.qat, progress=progress)
+    install(model, qts, extras)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None and isinstance(out_emb, QuantLinear) and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the input embedding stays a float table; the head is now its own tensor
     round_float_parts(model, float_dtype)
     seconds = time.time() - t0
-    info = {"recipe": recipe.to_dict(), "seconds": seconds, "bytes": model_bytes(model, float_dtype),
-            "calibration": None if calib is None else {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}}
+    if plan.outlier_split:
+        total = sum(q.shape[1] for n, q in qts.items())
+        kept = sum(int(e["float_cols"].numel()) for e in extras.values() if "float_cols" in e)
+        info["outlier_split"] = {"threshold": mopts.outlier_threshold, "float_input_channels": kept,
+                                 "float_fraction": kept / max(total, 1)}
+    info.update({"recipe": recipe.to_dict(), "seconds": seconds, "bytes": model_bytes(model, float_dtype),
+                 "calibration": None if calib is None else {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}})
     return QuantizeResult(model, qts, seconds, info)

@@ -27,11 +27,22 @@ KERNEL_POLICIES = ("auto", "reference")
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight is a QuantizedTensor ([out_features, in_features])."""
+    """A Linear whose weight is a QuantizedTensor ([out_features, in_features]).
+
+    When the scheme quantizes activations (W8A8, W4A4, FP8), the input is rounded onto
+    the activation grid before the multiply: per token from its own absmax (dynamic) or
+    with `act_scale`, calibrated once (static). Two optional extras ride along:
+    `input_transform='hadamard'` (QuaRot's online Hadamard: the input is rotated first,
+    the weight was stored rotated to match) and `float_cols` (LLM.int8-style split: those
+    input channels skip activation quantization and multiply `float_weight` instead; their
+    columns in the quantized weight are zero).
+    """
 
     policy = "auto"
 
-    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None):
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None, *,
+                 act_scale: torch.Tensor | None = None, input_transform: str | None = None,
+                 float_cols: torch.Tensor | None = None, float_weight: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.scheme = qweight.scheme
@@ -42,6 +53,42 @@ class QuantLinear(nn.Module):
         zp = qweight.zero_point
         self.register_buffer("zero_point", _scale_bits(zp) if zp is not None and self.scheme.float_zero else zp)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        acts = self.scheme.activations
+        if acts is not None and not acts.dynamic and act_scale is None:
+            raise ValueError(f"static activation scheme {acts.name} needs a calibrated act_scale")
+        self.register_buffer("act_scale", act_scale.reshape(1).float().clone() if act_scale is not None else None)
+        if input_transform not in (None, "hadamard"):
+            raise ValueError(f"unknown input transform {input_transform!r}")
+        self.input_transform = input_transform
+        if (float_cols is None) != (float_weight is None):
+            raise ValueError("float_cols and float_weight come together")
+        self.register_buffer("float_cols", float_cols.long().clone() if float_cols is not None else None)
+        self.register_buffer("float_weight", float_weight.detach().clone() if float_weight is not None else None)
+
+    @classmethod
+    def from_meta(cls, qweight: QuantizedTensor, extras: dict, has_bias: bool) -> "QuantLinear":
+        """An empty QuantLinear with room for the extras `extra_meta()` listed (load_state_dict fills them)."""
+        k = extras.get("float_cols", 0)
+        return cls(qweight, torch.zeros(qweight.shape[0]) if has_bias else None,
+                   act_scale=torch.ones(1) if extras.get("act_scale") else None,
+                   input_transform=extras.get("input_transform"),
+                   float_cols=torch.zeros(k, dtype=torch.long) if k else None,
+                   float_weight=torch.zeros(qweight.shape[0], k) if k else None)
+
+    def extra_meta(self) -> dict:
+        out = {}
+        if self.act_scale is not None:
+            out["act_scale"] = True
+        if self.input_transform:
+            out["input_transform"] = self.input_transform
+        if self.float_cols is not None:
+            out["float_cols"] = int(self.float_cols.numel())
+        return out
+
+    @property
+    def plain(self) -> bool:
+        """Weight-only with nothing extra: the case packed weight-only kernels serve."""
+        return self.scheme.activations is None and self.input_transform is None and self.float_cols is None
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -53,6 +100,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if not self.plain:
+            return self.forward_reference(x)
         if self.policy == "auto" and x.dtype in (torch.bfloat16, torch.float16):
             kernel, state = self._kernel_state(x.dtype, x.device)
             if kernel is not None:
@@ -62,8 +111,22 @@ class QuantLinear(nn.Module):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize the whole weight, then multiply: the numerics every kernel is held to."""
+        from .observe import quantize_activations
+
+        if self.input_transform == "hadamard":
+            from .algorithms.rotate import hadamard_transform
+            x = hadamard_transform(x)
+        x_float = None
+        if self.float_cols is not None:
+            x_float = x.index_select(-1, self.float_cols)
+            x = x.index_fill(-1, self.float_cols, 0.0)  # outliers leave the quantized path (and its scales)
+        if self.scheme.activations is not None:
+            x = quantize_activations(x, self.scheme.activations, self.act_scale)
         w = self.qweight.dequantize(x.dtype)
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        y = F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        if x_float is not None:
+            y = y + F.linear(x_float, self.float_weight.to(x.dtype))
+        return y
 
     def _kernel_state(self, dtype: torch.dtype, device: torch.device):
         """(kernel, its prepared weights) for this activation dtype/device, converted once."""
@@ -84,7 +147,8 @@ class QuantLinear(nn.Module):
         return k.name if k is not None else "reference"
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+        extra = "".join(f", {k}={v}" for k, v in self.extra_meta().items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{extra}"
 
 
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -112,6 +176,8 @@ def dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
 
     out = copy.deepcopy(model)
     for name, q in quantized_modules(out).items():
+        if not q.plain:  # activation rounding / transforms happen per call: keep the module
+            continue
         lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype)
         lin.weight.data = q.qweight.dequantize(dtype)
         if q.bias is not None:
@@ -120,18 +186,26 @@ def dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     return out
 
 
-def install(model: nn.Module, qtensors: dict[str, QuantizedTensor]) -> nn.Module:
-    """Swap each named Linear (or GPT-2 Conv1D) for a QuantLinear holding its QuantizedTensor."""
+def install(model: nn.Module, qtensors: dict[str, QuantizedTensor], extras: dict[str, dict] | None = None) -> nn.Module:
+    """Swap each named Linear (or GPT-2 Conv1D) for a QuantLinear holding its QuantizedTensor.
+
+    `extras[name]` may carry act_scale / float_cols / float_weight for that module; a
+    Linear that applies an online Hadamard to its input keeps doing so.
+    """
+    extras = extras or {}
     for name, qt in qtensors.items():
         old = model.get_submodule(name)
         bias = getattr(old, "bias", None)
-        replace_module(model, name, QuantLinear(qt, bias.float() if bias is not None else None))
+        kw = dict(extras.get(name, {}))
+        if getattr(old, "input_transform", None):
+            kw["input_transform"] = old.input_transform
+        replace_module(model, name, QuantLinear(qt, bias.float() if bias is not None else None, **kw))
     return model
 
 
 # ---- persistence --------------------------------------------------------------
 
-QUANT_BUFFERS = ("codes", "scale", "zero_point")
+QUANT_BUFFERS = ("codes", "scale", "zero_point")  # stored through QuantizedTensor.tensors(); the extras as float parts
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -193,7 +267,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
         for name, m in quantized_modules(model).items():
             qt = m.qweight
             tensors.update(qt.tensors(prefix=f"{name}.qweight."))
-            modules[name] = qt.meta()
+            modules[name] = {**qt.meta(), **({"extras": m.extra_meta()} if m.extra_meta() else {})}
         fstate = float_state(model)
         tensors.update({k: (v.to(float_dtype) if v.is_floating_point() else v).contiguous() for k, v in fstate.items()})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "lowbit"})
@@ -232,7 +306,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         for k in list(tensors):
             if k.startswith(prefix):
                 del tensors[k]
-    install(model, qts)
+    for name, qt in qts.items():
+        has_bias = getattr(model.get_submodule(name), "bias", None) is not None
+        replace_module(model, name, QuantLinear.from_meta(qt, meta["modules"][name].get("extras", {}), has_bias))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     missing = [k for k in missing if not _is_tied_or_quant(model, k)]
     if missing or unexpected:

@@ -17,8 +17,8 @@ SCALE_DTYPES = ("float16", "bfloat16", "float32", "e8m0")  # e8m0: MX power-of-t
 ZERO_DOMAINS = ("int", "float")
 
 VALID_FORMS = (
-    "model presets: w{2..8}a{16|8|4}[-g{G}][-asym][-mse] (e.g. w4a16-g128, w4a16-g64-asym, w8a16, w8a8, w4a4), "
-    "fp8, nf4, mxfp4, mxfp8, and GGUF's q8_0, q4_0, q4_1; "
+    "model presets: w{2..8}a{16|8|4}[-g{G}][-asym][-mse][-static] (e.g. w4a16-g128, w4a16-g64-asym, w8a16, w8a8, "
+    "w4a4; -static: one calibrated activation scale per tensor instead of per-token scales), fp8[-static], nf4, mxfp4, mxfp8, and GGUF's q8_0, q4_0, q4_1; "
     "tensor-level: {int2..int8|fp8|fp8e5m2|fp4|nf4}-{tensor|channel|token|g{G}}[-asym[-fzero]][-mse|-p{percentile}] "
     "(e.g. int8-tensor, int4-channel, int3-g64-asym, int4-g128-mse, nf4-g64, int4-g32-asym-fzero)"
 )
@@ -191,6 +191,12 @@ def _token_acts(fmt: str) -> Scheme:
 
 
 def _parse(key: str) -> Scheme | None:
+    if key.endswith("-static"):
+        base = _parse(key.removesuffix("-static"))
+        if base is None or base.activations is None:
+            raise SchemeError("-static applies to schemes that quantize activations (w8a8, w4a8, w4a4, fp8)")
+        acts = Scheme(format=base.activations.format, granularity="tensor", dynamic=False)
+        return base.with_(activations=acts, name=key)
     if key in ("fp8", "w8a8-fp8"):
         return Scheme(format="fp8_e4m3", granularity="channel", activations=_token_acts("fp8_e4m3"), name="fp8")
     if key == "nf4":

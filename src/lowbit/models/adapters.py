@@ -66,3 +66,37 @@ def linear_modules(block: nn.Module) -> dict[str, nn.Module]:
     if not found:
         raise UserError(f"block {type(block).__name__} holds no nn.Linear layers; lowbit quantizes Linear weights")
     return found
+
+
+# ---- where scales and rotations can be folded (Llama-style blocks) -------------------
+
+def is_rms_norm(m: nn.Module) -> bool:
+    """An RMSNorm that multiplies by its weight (Gemma's 1 + weight form would need another fold)."""
+    name = type(m).__name__
+    return name.endswith("RMSNorm") and "Gemma" not in name and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def llama_parts(block: nn.Module, what: str) -> dict[str, nn.Module]:
+    """The pieces of a Llama-style block (RMSNorm before attention and MLP, q/k/v/o, gate/up/down)
+    that folding scales or rotations needs, or a clear error naming `what` cannot run."""
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    parts = {
+        "input_norm": getattr(block, "input_layernorm", None),
+        "post_norm": getattr(block, "post_attention_layernorm", None),
+        **{p: getattr(attn, f"{p}_proj", None) for p in ("q", "k", "v", "o")},
+        **{p: getattr(mlp, f"{p}_proj", None) for p in ("gate", "up", "down")},
+    }
+    missing = [k for k, v in parts.items() if v is None]
+    if missing or not (is_rms_norm(parts["input_norm"]) and is_rms_norm(parts["post_norm"])):
+        raise UserError(f"{what} folds scales into Llama-style blocks (RMSNorm, q/k/v/o_proj, gate/up/down_proj); "
+                        f"{type(block).__name__} is not one" + (f" (no {', '.join(missing)})" if missing else ""))
+    return parts
+
+
+def attention_heads(model_or_config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) from a model config."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    n = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or n
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n
+    return n, kv, hd

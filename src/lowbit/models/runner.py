@@ -121,30 +121,72 @@ def sequential_stages(block: nn.Module, modules: dict[str, nn.Module], inputs: "
     return stages + ([missing] if missing else [])
 
 
-class HessianCollector:
-    """Accumulates H = X^T X / n over each watched Linear's inputs."""
+def linear_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input a Linear's weight actually multiplies, as float32 rows (after its online
+    Hadamard, if it has one: the stored weight is rotated to match)."""
+    if getattr(mod, "input_transform", None) == "hadamard":
+        from ..algorithms.rotate import hadamard_transform
+        x = hadamard_transform(x)
+    return x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
 
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.H: dict[str, torch.Tensor] = {}
-        self.n: dict[str, int] = {}
+
+class InputStats:
+    """What calibration learns about one Linear's inputs: H = X^T X / n (when collected),
+    per-channel absmax and mean |x| (what SmoothQuant, AWQ and outlier splitting need)."""
+
+    def __init__(self, cols: int, hessian: bool):
+        self.H = torch.zeros(cols, cols) if hessian else None
+        self.amax = torch.zeros(cols)
+        self.abssum = torch.zeros(cols, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.H is not None:
+            self.H.addmm_(x.t(), x)
+        a = x.abs()
+        self.amax = torch.maximum(self.amax, a.amax(0))
+        self.abssum += a.sum(0, dtype=torch.float64)
+        self.n += x.shape[0]
+
+    def finish(self) -> "InputStats":
+        if self.H is not None:
+            self.H /= max(self.n, 1)
+        return self
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return (self.abssum / max(self.n, 1)).float()
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """The statistics of x / s (after a smoothing scale s was folded into the weights)."""
+        s = s.to(torch.float32)
+        if self.H is not None:
+            self.H /= s[:, None] * s[None, :]
+        self.amax /= s
+        self.abssum /= s.double()
+
+
+class StatsCollector:
+    """Hooks that accumulate InputStats over each watched Linear's inputs."""
+
+    def __init__(self, modules: dict[str, nn.Module], hessian: bool = True):
+        self.stats: dict[str, InputStats] = {}
+        self.hessian = hessian
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name):
-        def hook(_mod, inputs, _out):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
-            if name not in self.H:
-                self.H[name] = torch.zeros(x.shape[1], x.shape[1])
-                self.n[name] = 0
-            self.H[name].addmm_(x.t(), x)
-            self.n[name] += x.shape[0]
+        def hook(mod, inputs, _out):
+            x = linear_input(mod, inputs[0])
+            if name not in self.stats:
+                self.stats[name] = InputStats(x.shape[1], self.hessian)
+            self.stats[name].add(x)
 
         return hook
 
-    def pop(self, name: str) -> torch.Tensor | None:
-        """H for `name`, or None if calibration never reached it (the caller rounds to nearest)."""
-        if name not in self.H:
-            return None
-        return self.H.pop(name) / max(self.n.pop(name), 1)
+    def pop(self, name: str) -> InputStats | None:
+        """Stats for `name`, or None if calibration never reached it (the caller rounds to nearest)."""
+        st = self.stats.pop(name, None)
+        return st.finish() if st is not None else None
 
     def close(self):
         for h in self.handles:
@@ -153,15 +195,22 @@ class HessianCollector:
 
 def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *, calib: torch.Tensor | None,
                    batch_size: int = 8, progress: bool = True, desc: str = "quantize",
-                   true_sequential: bool = False) -> dict[str, object]:
+                   true_sequential: bool = False, prepare=None, hessian: bool = True,
+                   act_amax: dict[str, torch.Tensor] | None = None) -> dict[str, object]:
     """Quantize the Linears named in `targets` block by block.
 
-    quantize_fn(name, weight [out,in], hessian or None) -> QuantizedTensor. With
-    calib=None (RTN) no calibration runs and no Hessian is collected. Each block's
+    quantize_fn(name, weight [out,in], InputStats or None) -> QuantizedTensor. With
+    calib=None (RTN) no calibration runs and no statistics are collected. Each block's
     weights are replaced by their dequantized values before its outputs are
     recomputed, so the next block sees what inference will see. With
     `true_sequential`, the same holds inside a block: each stage's statistics (say
     o_proj's) are collected after the stages before it (q/k/v) were quantized.
+
+    `prepare(block, names, stats)`, if given, runs once per block after its statistics
+    are collected and before anything is quantized: SmoothQuant and AWQ fold their
+    scales into the block there (and rescale `stats` to match). `act_amax`, if given,
+    is filled with each quantized Linear's per-channel input absmax as seen *after*
+    quantization (what a static activation scale must cover at inference).
     Returns {module name: QuantizedTensor}.
     """
     prefix, layers = decoder_layers(model)
@@ -178,19 +227,26 @@ def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *,
                 set_linear_weight(mod, qt.dequantize())
                 results[name] = qt
         elif names:
-            stages = sequential_stages(block, names, inputs) if true_sequential else [list(names)]
+            stages = sequential_stages(block, names, inputs) if true_sequential and prepare is None else [list(names)]
             for stage in stages:
-                collector = HessianCollector({n: names[n] for n in stage})
+                collector = StatsCollector({n: names[n] for n in stage}, hessian=hessian)
                 # stages come in call order, so nothing after a stage's last Linear is needed
-                inputs.feed(block, stop_after=names[stage[-1]] if true_sequential else None)
+                inputs.feed(block, stop_after=names[stage[-1]] if len(stages) > 1 else None)
                 collector.close()
+                stats = {name: collector.pop(name) for name in stage}
+                if prepare is not None:
+                    prepare(block, {n: names[n] for n in stage}, stats)
                 for name in stage:
                     mod = names[name]
-                    qt = quantize_fn(name, linear_weight(mod), collector.pop(name))
+                    qt = quantize_fn(name, linear_weight(mod), stats.pop(name))
                     set_linear_weight(mod, qt.dequantize())
                     results[name] = qt
         if inputs is not None:
+            after = StatsCollector(names, hessian=False) if act_amax is not None and names else None
             inputs = inputs.run(block)
+            if after is not None:
+                after.close()
+                act_amax.update({n: st.amax for n in names if (st := after.pop(n)) is not None})
         bar.set_postfix_str(f"{time.time() - t0:.0f}s")
     # Linears outside the blocks (only if a recipe asks for them, e.g. lm_head): round to nearest.
     for name in targets:
