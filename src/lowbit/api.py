@@ -42,7 +42,7 @@ def quantize(model: str, scheme: str | Scheme = "w4a16-g64", method: str = "gptq
              text_field: str = "text", samples: int = 128, seq_len: int = 512, seed: int = 0,
              out: str | None = None, include: list[str] | None = None, exclude: list[str] | None = None,
              gptq_options: GPTQOptions | None = None, method_options: MethodOptions | None = None,
-             recipe: Recipe | None = None, progress: bool = True) -> QuantizeResult:
+             recipe: Recipe | None = None, progress: bool = True, extra_info: dict | None = None) -> QuantizeResult:
     """Quantize a model source; save it to `out` if given. Returns the QuantizeResult
     (its .model is ready to run, .info has the recipe, bytes and timing)."""
     recipe = recipe or make_recipe(scheme, method, include, exclude)
@@ -58,7 +58,7 @@ def quantize(model: str, scheme: str | Scheme = "w4a16-g64", method: str = "gptq
         calib_ids, _ = text_windows(tok, calib, text_field, seq_len, calib_samples=samples, seed=seed)
     res = quantize_model(fmodel, recipe, calib_ids, gptq_options=gptq_options, method_options=method_options,
                          progress=progress)
-    res.info.update({"source": model, "calib": calib if needs_calib else None, "seed": seed})
+    res.info.update({"source": model, "calib": calib if needs_calib else None, "seed": seed, **(extra_info or {})})
     res.tokenizer = tok
     if out:
         save_quantized(res.model, tok, out, res.info)

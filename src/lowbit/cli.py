@@ -55,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save it")
     _add_model_source(p)
-    p.add_argument("--method", default="gptq", choices=["rtn", "gptq"], help="algorithm (default: gptq)")
+    p.add_argument("--method", default="gptq", help="rtn, gptq, awq, smoothquant, outlier-split, rotate, qat, or a composition "
+                   "such as awq+gptq, smoothquant+gptq, rotate+gptq (default: gptq)")
+    p.add_argument("--target-bits", type=float, help="mixed precision: measure each layer's sensitivity, then give layers "
+                   "the --bit-choices that average this many code bits per weight with the least predicted loss (e.g. 3.5)")
+    p.add_argument("--bit-choices", help="comma-separated bit widths for --target-bits (default: the two around it)")
+    p.add_argument("--recipe", metavar="JSON", help="reuse a saved recipe (e.g. recipe.json of an earlier --target-bits run); "
+                   "--scheme/--method/--include/--exclude are then ignored")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: 0.5)")
+    p.add_argument("--outlier-threshold", type=float, default=6.0, help="outlier-split: input channels whose calibration |x| "
+                   "reaches this stay in float (default: 6.0, LLM.int8's)")
+    p.add_argument("--qat-steps", type=int, default=64, help="qat: fine-tuning steps (default: 64)")
     p.add_argument("--scheme", default="w4a16-g64", help="scheme name, e.g. w4a16-g64, w4a16-g128-asym, w8a16 (see 'lowbit schemes')")
     p.add_argument("--calib", default="wiki", help="calibration text: 'wiki', a .txt or .jsonl file (default: wiki)")
     p.add_argument("--text-field", default="text", help="JSONL field (default: text)")

@@ -22,9 +22,21 @@ def cmd_quantize(args) -> int:
         raise UserError("--format needs --export-out (where the exported model goes)")
     if args.report:
         _check_report_path(args.report)
-    res = quantize(args.model, args.scheme, args.method, calib=args.calib, text_field=args.text_field,
+    from .algorithms.qat import QATOptions
+    from .pipeline import MethodOptions
+
+    recipe = _read_recipe(args.recipe) if args.recipe else make_recipe(args.scheme, args.method, args.include, args.exclude)
+    if args.target_bits is not None:
+        if args.recipe:
+            raise UserError("--target-bits builds a recipe; it cannot be combined with --recipe")
+        choices = tuple(int(b) for b in args.bit_choices.split(",")) if args.bit_choices else None
+        recipe, mixed_info = _mixed_recipe(args, recipe, choices)
+    mopts = MethodOptions(smoothquant_alpha=args.alpha, outlier_threshold=args.outlier_threshold,
+                          rotation_seed=args.seed, qat=QATOptions(steps=args.qat_steps, seed=args.seed))
+    res = quantize(args.model, calib=args.calib, text_field=args.text_field, recipe=recipe,
                    samples=args.samples, seq_len=args.seq_len, seed=args.seed, out=args.out,
-                   include=args.include, exclude=args.exclude, progress=_progress(args))
+                   method_options=mopts, progress=_progress(args),
+                   extra_info={"mixed_precision": mixed_info} if args.target_bits is not None else None)
     if args.format:
         rep = _export(res.model, res.tokenizer, args.format, args.export_out, args.model, args.out, args)
         print(f"exported {args.format} -> {args.export_out}: {rep}")
@@ -32,10 +44,43 @@ def cmd_quantize(args) -> int:
         html_path, _ = _quantize_report(args, res)
         print(f"report -> {html_path}")
     b = res.info["bytes"]
-    print(f"quantized {len(res.qtensors)} Linear layers of {args.model} with {args.method} {res.info['recipe']['scheme']['name']} "
+    for key in ("outlier_split", "qat"):
+        if key in res.info:
+            print(f"{key}: {json.dumps(res.info[key])}")
+    print(f"quantized {len(res.qtensors)} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
           f"{b['float_bytes'] / 1e6:.1f} MB float)")
     return 0
+
+
+def _read_recipe(path: str):
+    from pathlib import Path
+
+    from .scheme import Recipe
+
+    try:
+        d = json.loads(Path(path).read_text())
+        d = d.get("recipe", d)  # a lowbit.json holds its recipe under "recipe"
+        return Recipe.from_dict(d)
+    except OSError as e:
+        raise UserError(f"--recipe {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--recipe {path}: not a lowbit recipe ({type(e).__name__}: {e})") from None
+
+
+def _mixed_recipe(args, recipe, choices):
+    """Measure sensitivity on a few calibration windows and allocate bits (printed, and saved beside --out)."""
+    from .algorithms.mixed import mixed_recipe
+    from .models.load import load_float
+
+    check_text_source(args.calib)
+    model, tok = load_float(args.model)
+    calib, _ = text_windows(tok, args.calib, args.text_field, min(args.seq_len, 256), calib_samples=2, seed=args.seed)
+    mixed, info = mixed_recipe(model, calib, recipe, args.target_bits, choices, _progress(args))
+    print(f"mixed precision: {info['average_bits']:.3f} code bits/weight, layers per bits {info['layers_per_bits']}, "
+          f"predicted KL {info['predicted_kl']:.4f} (uniform: " + ", ".join(f"{b}-bit {v:.4f}" for b, v in info["predicted_kl_uniform"].items()) + "); "
+          f"reuse with --recipe {args.out}/lowbit.json")
+    return mixed, info
 
 
 def _check_report_path(path: str) -> None:
@@ -58,11 +103,11 @@ def _quantize_report(args, res):
     metrics = evaluate_many({"float": base, "quantized": res.model}, windows, base, progress=_progress(args))
     rows = [{"method": "float", "scheme": "-", "seconds": 0.0, "model_bytes": model_bytes(base, torch.float16)["total_bytes"],
              **metrics["float"]},
-            {"method": args.method, "scheme": res.info["recipe"]["scheme"]["name"], "seconds": res.seconds,
+            {"method": res.info["method"], "scheme": res.info["recipe"]["scheme"]["name"], "seconds": res.seconds,
              "model_bytes": res.info["bytes"]["total_bytes"], **metrics["quantized"]}]
     quality = {"evaluation": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}, "rows": rows}
     probes = run_probes(base, {"quantized": dequantized(res.model)}, tok, load_probes(None))
-    report = {"kind": "quantize", "model": args.model, "method": args.method, "scheme": rows[1]["scheme"],
+    report = {"kind": "quantize", "model": args.model, "method": res.info["method"], "scheme": rows[1]["scheme"],
               "seconds": res.seconds, "quality": quality, "probes": probes}
     return write_report(report, args.report)
 

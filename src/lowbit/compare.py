@@ -11,14 +11,16 @@ from .api import make_recipe
 from .data import text_windows
 from .evaluate import evaluate_many
 from .models.load import load_float
-from .pipeline import Method, quantize_model
+from .pipeline import Method, MethodOptions, quantize_model
+from .scheme import Recipe
 from .runtime import model_bytes
 
 
-def compare(source: str = "smollm2-135m", variants: list[tuple[str, str]] = (), *, text: str = "wiki",
+def compare(source: str = "smollm2-135m", variants: list = (), *, text: str = "wiki",
             samples: int = 128, seq_len: int = 512, max_windows: int = 64, seed: int = 0,
-            progress: bool = True) -> dict:
-    """variants: (method, scheme) pairs. Returns {'rows': [...], ...} with the float row first.
+            method_options: MethodOptions | None = None, progress: bool = True) -> dict:
+    """variants: (method, scheme) pairs, or Recipes, or callables (calib windows, float model) -> Recipe
+    (mixed precision measures on the calibration text). Returns {'rows': [...], ...}, float row first.
 
     Calibration windows come from the first half of the text, evaluation windows
     from the second; every variant is scored against the float model in one pass.
@@ -26,19 +28,27 @@ def compare(source: str = "smollm2-135m", variants: list[tuple[str, str]] = (), 
     t0 = time.time()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     base, tok = load_float(source)
-    recipes = [make_recipe(scheme, method) for method, scheme in variants]
-    needs_calib = any(Method.parse(r.method).needs_calibration(r.scheme) for r in recipes)
+    recipes = [v if isinstance(v, Recipe) or callable(v) else make_recipe(v[1], v[0]) for v in variants]
+    needs_calib = any(callable(r) or Method.parse(r.method).needs_calibration(r.scheme) for r in recipes)
     calib, windows = text_windows(tok, text, "text", seq_len, calib_samples=samples if needs_calib else None,
                                   eval_max=max_windows, seed=seed)
     rows = [{"method": "float", "scheme": "fp16 storage", "seconds": 0.0, **_bytes(base)}]
     models = {}
     for recipe in recipes:
-        log(f"{recipe.method} {recipe.scheme.name} ...")
+        t = time.time()
+        notes = {}
+        if callable(recipe) and not isinstance(recipe, Recipe):
+            recipe, notes = recipe(calib, base)
+        label = recipe.method + (" mixed" if recipe.overrides else "")
+        log(f"{label} {recipe.scheme.name} ...")
         torch.manual_seed(seed)
         needs = Method.parse(recipe.method).needs_calibration(recipe.scheme)
-        res = quantize_model(copy.deepcopy(base), recipe, calib if needs else None, progress=progress)
-        models[f"{recipe.method} {recipe.scheme.name}"] = res.model
-        rows.append({"method": recipe.method, "scheme": recipe.scheme.name, "seconds": res.seconds, **_bytes(res.model)})
+        res = quantize_model(copy.deepcopy(base), recipe, calib if needs else None, method_options=method_options,
+                             progress=progress)
+        models[f"{label} {recipe.scheme.name} {len(models)}"] = res.model
+        notes.update({k: res.info[k] for k in ("outlier_split", "qat") if k in res.info})
+        rows.append({"method": label, "scheme": recipe.scheme.name, "seconds": time.time() - t, **_bytes(res.model),
+                     **({"notes": notes} if notes else {})})
     log("evaluating against the float model ...")
     metrics = evaluate_many({"float": base, **models}, windows, base, progress=progress)
     for row, m in zip(rows, metrics.values()):
@@ -57,11 +67,12 @@ def _bytes(model) -> dict:
 
 
 def format_quality_table(rows: list[dict]) -> str:
-    head = f"{'method':8s} {'scheme':20s} {'ppl':>8s} {'KL':>8s} {'top-1':>7s} {'MB':>7s} {'quant s':>8s}"
+    w = max([8] + [len(r["method"]) for r in rows])
+    head = f"{'method':{w}s} {'scheme':20s} {'ppl':>8s} {'KL':>8s} {'top-1':>7s} {'MB':>7s} {'quant s':>8s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         kl = "-" if r.get("kl_divergence") is None else f"{r['kl_divergence']:.4f}"
         agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.1f}%"
-        lines.append(f"{r['method']:8s} {r['scheme']:20s} {r['perplexity']:8.3f} {kl:>8s} {agree:>7s} "
+        lines.append(f"{r['method']:{w}s} {r['scheme']:20s} {r['perplexity']:8.3f} {kl:>8s} {agree:>7s} "
                      f"{r['model_bytes'] / 1e6:7.1f} {r['seconds']:8.1f}")
     return "\n".join(lines)

@@ -80,6 +80,8 @@ class Method:
         smooth = [p for p in parts if p in ("smoothquant", "awq")]
         if len(smooth) > 1:
             raise UserError("smoothquant and awq both fold per-channel scales; pick one")
+        if "outlier-split" in parts and "qat" in parts:
+            raise UserError("qat trains every input channel on the grid; it does not combine with outlier-split")
         if "rotate" in parts and smooth:
             raise UserError(f"rotate already spreads outliers across channels; combine it with rtn, gptq or qat, not {smooth[0]}")
         return cls(rotate="rotate" in parts, smooth=smooth[0] if smooth else None,
@@ -143,6 +145,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
         prepare, fold_log = make_prepare(plan.smooth, targets, attention_heads(model), mopts.smoothquant_alpha)
         info[plan.smooth] = fold_log
     extras: dict[str, dict] = {}
+    teacher, latent = None, {}
+    if plan.quantizer == "qat":
+        import copy
+        teacher = copy.deepcopy(model).eval()  # the float model QAT distils from
 
     def fn(name, w, st):
         scheme = targets[name]
@@ -157,6 +163,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
                     H = H.clone()
                     H[cols, :] = 0
                     H[:, cols] = 0
+        if plan.quantizer == "qat":
+            latent[name] = w.detach().clone()  # the float (folded) weight training starts from
         if H is None:
             return rtn(w, scheme, name)
         if plan.quantizer == "gptq":
@@ -180,7 +188,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
             extras.setdefault(name, {})["act_scale"] = static_act_scale(a, acts)
     if plan.quantizer == "qat":
         from .algorithms.qat import qat_finetune
-        qts, info["qat"] = qat_finetune(model, qts, calib, targets, mopts.qat, progress=progress)
+        qts, info["qat"] = qat_finetune(model, teacher, qts, calib, latent, mopts.qat, progress=progress)
+        del teacher
     install(model, qts, extras)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None and isinstance(out_emb, QuantLinear) and getattr(model.config, "tie_word_embeddings", False):

@@ -27,11 +27,11 @@ def scheme_at(base: Scheme, bits: int) -> Scheme:
 
 
 def measure(model: nn.Module, windows: torch.Tensor, base: Scheme, choices: tuple[int, ...],
-            progress: bool = True) -> dict[str, dict[int, float]]:
+            names: set[str] | None = None, progress: bool = True) -> dict[str, dict[int, float]]:
     """{linear: {bits: KL with only that linear quantized at those bits}}."""
     costs: dict[str, dict[int, float]] = {}
     for b in choices:
-        for row in layer_sensitivity(model, windows, scheme_at(base, b), progress=progress):
+        for row in layer_sensitivity(model, windows, scheme_at(base, b), progress=progress, only=names):
             costs.setdefault(row["name"], {})[b] = max(row["kl"], 0.0)
     return costs
 
@@ -72,19 +72,23 @@ def allocate(costs: dict[str, dict[int, float]], sizes: dict[str, int], target_b
         alloc[best[0]] = best[1]
 
 
-def mixed_recipe(model: nn.Module, windows: torch.Tensor, base: Scheme, target_bits: float, method: str = "gptq",
+def mixed_recipe(model: nn.Module, windows: torch.Tensor, recipe: Recipe, target_bits: float,
                  choices: tuple[int, ...] | None = None, progress: bool = True) -> tuple[Recipe, dict]:
-    """A Recipe whose overrides give each Linear its bits, and the figures behind it."""
+    """A copy of `recipe` whose overrides give each Linear it quantizes its bits, and the figures behind it."""
+    base = recipe.scheme
     if choices is None:
         lo = max(2, int(target_bits))
         choices = (lo, min(8, lo + 1)) if lo < target_bits else (lo,)
     choices = tuple(sorted(set(choices)))
     if not min(choices) <= target_bits <= max(choices):
         raise UserError(f"--target-bits {target_bits} lies outside the bit choices {choices}")
-    costs = measure(model, windows, base, choices, progress)
-    sizes = {n: linear_weight(m).numel() for n, m in block_linears(model).items()}
+    sizes = {n: linear_weight(m).numel() for n, m in block_linears(model).items() if recipe.scheme_for(n) is not None}
+    if not sizes:
+        raise UserError("the recipe quantizes no Linear inside the decoder blocks; nothing to allocate bits to")
+    costs = measure(model, windows, base, choices, set(sizes), progress)
     alloc = allocate(costs, sizes, target_bits)
-    recipe = Recipe(scheme=base, method=method, overrides={n: scheme_at(base, b) for n, b in alloc.items()})
+    recipe = Recipe(scheme=base, method=recipe.method, include=list(recipe.include), exclude=list(recipe.exclude),
+                    overrides={n: scheme_at(base, b) for n, b in alloc.items()})
     avg = sum(sizes[n] * b for n, b in alloc.items()) / sum(sizes.values())
     uniform = {b: sum(c[b] for c in costs.values()) for b in choices}
     info = {"target_bits": target_bits, "average_bits": avg, "choices": list(choices),

@@ -80,8 +80,9 @@ def block_index(model: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, windows: torch.Tensor, scheme: str = "w3a16-g64-asym", *,
-                      batch_size: int = 4, progress: bool = True) -> list[dict]:
-    """One row per Linear: KL and delta-NLL with only that layer quantized; the model is restored."""
+                      batch_size: int = 4, progress: bool = True, only: set[str] | None = None) -> list[dict]:
+    """One row per Linear (those in `only`, if given): KL and delta-NLL with only that layer
+    quantized; the model is restored."""
     s = Scheme.parse(scheme).with_(activations=None)
     base = _logprobs(model, windows, batch_size)
     targets = windows[:, 1:].unsqueeze(-1)
@@ -92,7 +93,8 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, scheme: str = "w3
         tail = None  # a head this shortcut does not model (softcapping, projections): full forwards
     block_of = block_index(model)
     rows = []
-    for name, mod in tqdm(block_linears(model).items(), desc="analyze: sensitivity", unit="layer",
+    linears = {n: m for n, m in block_linears(model).items() if only is None or n in only}
+    for name, mod in tqdm(linears.items(), desc="analyze: sensitivity", unit="layer",
                           disable=not progress, leave=False):
         w = linear_weight(mod).detach().clone()
         set_linear_weight(mod, fake_quantize(w, s))

@@ -1,0 +1,108 @@
+"""Every method x scheme on the embedded model, in one table (the methods issue's benchmark).
+
+Calibration: 32 windows of 512 tokens from the first half of the wiki text; evaluation:
+32 held-out windows of 512 from the second half (the first half of the quality table's
+held-out set). QAT: 48 steps of 4 x 128 tokens.
+Every variant is scored against the float model: perplexity, KL, top-1 agreement,
+stored bytes, wall time (quantization, including any search or fine-tuning). A second
+table measures the KV cache quantized (INT8/FP8, per-token or per-head scales) on the
+float model, with the bytes the cache holds next to the planner's arithmetic.
+
+    python benchmarks/methods.py [--out results/methods.json] [--samples 32] [--max-windows 32] [--only w8a8,w4a4]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import torch  # noqa: E402
+
+from lowbit.algorithms.qat import QATOptions  # noqa: E402
+from lowbit.compare import compare, format_quality_table  # noqa: E402
+from lowbit.pipeline import MethodOptions  # noqa: E402
+
+W = "-g64-asym"
+VARIANTS = {
+    "w4a16-g64": [(m, "w4a16" + W) for m in ("rtn", "gptq", "awq", "awq+gptq")],
+    "w3a16-g64": [(m, "w3a16" + W) for m in ("rtn", "gptq", "awq", "awq+gptq", "qat")] + ["mixed"],
+    "w8a8": [(m, "w8a8") for m in ("rtn", "smoothquant", "smoothquant+gptq", "outlier-split", "rotate+gptq")],
+    "w4a8": [(m, "w4a8") for m in ("rtn", "rotate", "rotate+gptq")],
+    "w4a4": [(m, "w4a4") for m in ("rtn", "smoothquant+gptq", "rotate", "rotate+gptq")],
+}
+
+
+def mixed_3_5(calib, base):
+    """GPTQ with bits per layer (3 or 4, 3.5 on average) from one-layer sensitivity on one calibration window."""
+    from lowbit.algorithms.mixed import mixed_recipe
+    from lowbit.api import make_recipe
+
+    recipe, info = mixed_recipe(base, calib[:1, :256], make_recipe("w3a16" + W, "gptq"), 3.5, progress=False)
+    return recipe, {"mixed_precision": {k: v for k, v in info.items() if k != "bits"}}
+
+
+def kv_table(source: str, max_windows: int, seq_len: int) -> list[dict]:
+    from lowbit.data import text_windows
+    from lowbit.kvcache import QuantizedKVCache, kv_logprobs
+    from lowbit.models.load import load_float
+    from lowbit.plan import arch_from_hf_config, kv_cache_bytes
+
+    model, tok = load_float(source)
+    _, windows = text_windows(tok, "wiki", "text", seq_len, eval_max=max_windows)
+    arch = arch_from_hf_config(model.config.to_dict())
+    rows = []
+    for fmt, gran in ((None, "-"), ("int8", "token"), ("int8", "head"), ("fp8", "token"), ("fp8", "head")):
+        nll = kl = agree = n = 0.0
+        for b in windows.split(2):
+            ref = kv_logprobs(model, b, None)
+            lp = ref if fmt is None else kv_logprobs(model, b, fmt, gran)
+            t = b[:, 1:].unsqueeze(-1)
+            nll += float(-lp.gather(-1, t).sum())
+            kl += float((ref.exp() * (ref - lp)).sum())
+            agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+            n += t.numel()
+        cache = QuantizedKVCache(model.config, fmt or "int8", gran if fmt else "token")
+        with torch.no_grad():
+            model(input_ids=windows[:1], past_key_values=cache, use_cache=True)
+        rows.append({"kv_cache": fmt or "fp16", "scales": gran, "perplexity": float(torch.tensor(nll / n).exp()),
+                     "kl_divergence": kl / n, "top1_agreement": agree / n,
+                     "bytes_per_token": (cache.nbytes() / seq_len) if fmt else kv_cache_bytes(arch, 1, 1, "fp16"),
+                     "planner_bytes_per_token": kv_cache_bytes(arch, 1, 1, fmt or "fp16")})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=32)
+    ap.add_argument("--qat-steps", type=int, default=48)
+    ap.add_argument("--only", help="comma-separated scheme groups (default: all of " + ",".join(VARIANTS) + ")")
+    ap.add_argument("--no-kv", action="store_true", help="skip the KV-cache table")
+    ap.add_argument("--out", default="results/methods.json")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    groups = args.only.split(",") if args.only else list(VARIANTS)
+    variants = [mixed_3_5 if v == "mixed" else v for g in groups for v in VARIANTS[g]]
+    t0 = time.time()
+    res = compare("smollm2-135m", variants, samples=args.samples, seq_len=args.seq_len,
+                  max_windows=args.max_windows, progress=not args.quiet,
+                  method_options=MethodOptions(qat=QATOptions(steps=args.qat_steps, seq_len=128)))
+    if not args.no_kv:
+        res["kv_cache"] = kv_table("smollm2-135m", min(args.max_windows, 16), args.seq_len)
+    res["total_seconds"] = time.time() - t0
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(format_quality_table(res["rows"]), file=sys.stderr)
+    for r in res.get("kv_cache", []):
+        print(f"kv {r['kv_cache']:5s} {r['scales']:6s} ppl {r['perplexity']:.3f} KL {r['kl_divergence']:.5f} "
+              f"top-1 {100 * r['top1_agreement']:.1f}% bytes/token {r['bytes_per_token']:.0f} "
+              f"(planner {r['planner_bytes_per_token']:.0f})", file=sys.stderr)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
