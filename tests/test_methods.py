@@ -1,5 +1,6 @@
 """The method arsenal: folds and rotations keep the float function; each method beats its naive baseline."""
 import copy
+import json
 
 import pytest
 import torch
@@ -248,3 +249,56 @@ def test_method_names_parse_to_canonical_form(text, name):
 def test_bad_method_names_are_one_line_errors(text, msg):
     with pytest.raises(UserError, match=msg):
         Method.parse(text)
+
+
+# ---- CLI -----------------------------------------------------------------------
+
+def _cli(*argv, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lowbit", "--quiet", *argv], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_target_bits_saves_a_recipe_that_reruns_to_the_same_bytes(tmp_path):
+    common = ["--method", "rtn", "--scheme", "w3a16-g64-asym", "--include", "model.layers.0.*",
+              "--seq-len", "64", "--samples", "2"]
+    r = _cli("quantize", "smollm2-135m", *common, "--target-bits", "3.5", "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert "mixed precision: 3.5" in r.stdout and "--recipe" in r.stdout
+    meta = json.loads((tmp_path / "a" / "lowbit.json").read_text())
+    per_bits = meta["mixed_precision"]["layers_per_bits"]
+    assert set(per_bits) == {"3", "4"} and sum(per_bits.values()) == 7 and meta["mixed_precision"]["average_bits"] <= 3.5
+    bits = {meta["modules"][n]["scheme"]["format"] for n in meta["modules"]}
+    assert bits == {"int3", "int4"}
+    r = _cli("quantize", "smollm2-135m", "--recipe", str(tmp_path / "a" / "lowbit.json"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["quantize", "smollm2-135m", "--method", "hqq", "--out", "x"], "unknown method 'hqq'"),
+    (["quantize", "smollm2-135m", "--method", "awq+smoothquant", "--out", "x"], "pick one"),
+    (["quantize", "smollm2-135m", "--recipe", "/no/such.json", "--out", "x"], "--recipe /no/such.json"),
+    (["quantize", "smollm2-135m", "--scheme", "w4a16-static", "--out", "x"], "-static applies"),
+    (["quantize", "smollm2-135m", "--method", "rotate", "--exclude", "*down_proj", "--out", "x"], "must quantize it"),
+])
+def test_method_cli_errors_are_one_line(argv, msg, tmp_path):
+    r = _cli(*argv, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_exports_refuse_what_their_loaders_would_drop(tmp_path):
+    import transformers
+
+    from lowbit.interop import export_model
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=1)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    res = quantize_model(model, make_recipe("w8a8", "rtn"), None, progress=False)
+    for fmt in ("compressed-tensors", "gptq", "gguf"):
+        with pytest.raises(UserError, match="quantizes its activations"):
+            export_model(res.model, None, fmt, tmp_path / fmt)
+        assert not (tmp_path / fmt).exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .data import check_text_source, text_windows
-from .errors import UserError
 from .models.load import load_float, resolve_source
 from .pipeline import GPTQOptions, Method, MethodOptions, QuantizeResult, quantize_model
 from .runtime import check_output_dir, load_quantized, save_quantized

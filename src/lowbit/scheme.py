@@ -246,7 +246,8 @@ GGUF_PRESETS = {
     "q4_1": Scheme(format="int4", symmetric=False, zero_domain="float", granularity="group", group_size=32, name="q4_1"),
 }
 
-PRESETS = ("w8a16", "w4a16", "w4a16-g128", "w4a16-g64", "w3a16-g64", "w8a8", "w4a8", "w4a4", "fp8", "nf4", "mxfp4", "mxfp8")
+PRESETS = ("w8a16", "w4a16", "w4a16-g128", "w4a16-g64", "w3a16-g64", "w8a8", "w8a8-static", "w4a8", "w4a4", "fp8",
+           "fp8-static", "nf4", "mxfp4", "mxfp8")
 
 
 @dataclass

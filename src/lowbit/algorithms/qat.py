@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..observe import group_view, ungroup
 from ..runtime import replace_module
-from ..scheme import Scheme
 from ..tensor import QuantizedTensor, quantize_tensor
 
 

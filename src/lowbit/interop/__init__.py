@@ -61,6 +61,7 @@ def export_model(model, tokenizer, fmt: str, out: str | Path, *, source: str | N
                  tokenizer_dir: str | Path | None = None, requantize: str | None = None,
                  embed_type: str = "q8_0") -> dict:
     """Write `model` (with QuantLinears) as `fmt` to `out`; returns what was written."""
+    _check_weight_only(model, fmt)
     if fmt == "compressed-tensors":
         from .compressed import export_compressed_tensors
 
@@ -75,6 +76,19 @@ def export_model(model, tokenizer, fmt: str, out: str | Path, *, source: str | N
         return export_gguf(model, tokenizer_dir, out, source_gguf=_source_gguf(source),
                            requantize=requantize, embed_type=embed_type)
     raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _check_weight_only(model, fmt: str) -> None:
+    """The exports hold weight codes only: refuse what a loader would silently drop."""
+    from ..runtime import quantized_modules
+
+    for name, m in quantized_modules(model).items():
+        extra = ("rotates its input (online Hadamard)" if m.input_transform else
+                 "keeps outlier input channels in float" if m.float_cols is not None else
+                 f"quantizes its activations ({m.scheme.activations.name})" if m.scheme.activations is not None else None)
+        if extra:
+            raise UserError(f"{name} {extra}; the {fmt} export holds weight-only codes, so a loader would compute "
+                            "something else (export weight-only methods and schemes: rtn/gptq/awq, w*a16)")
 
 
 def _source_gguf(source: str | None) -> Path | None:
