@@ -157,25 +157,28 @@ def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | N
     return mse_search(xg, lo, hi, scheme, w)
 
 
-def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme,
-               importance: torch.Tensor | None = None):
-    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least (weighted) squared error.
-
-    p = 1 is the absmax/minmax choice, so the result is never worse than absmax.
-    """
+def clip_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme, grid, group_error):
+    """Per group, the clip range p*[lo, hi] (p in `grid`) whose error group_error(w_hat - w) -> [R, G]
+    is least. The grids start at p = 1 (absmax/minmax), so the result is never worse than that."""
     best_err = torch.full(lo.shape, torch.inf)
     best_scale = torch.zeros_like(lo)
     best_zero = torch.zeros_like(lo) if scheme.has_zero_point else None
-    for p in MSE_GRID:
+    for p in grid:
         scale, zero = qparams_from_range(lo * p, hi * p, scheme)
-        err = (fake_quant_grouped(xg, scale, zero, scheme) - xg).pow(2)
-        err = (err if importance is None else err * importance).nansum(-1)
+        err = group_error(fake_quant_grouped(xg, scale, zero, scheme) - xg)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         if best_zero is not None:
             best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme,
+               importance: torch.Tensor | None = None):
+    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least (weighted) squared error."""
+    return clip_search(xg, lo, hi, scheme, MSE_GRID,
+                       lambda e: (e.pow(2) if importance is None else e.pow(2) * importance).nansum(-1))
 
 
 # AWQ's clipping grid: 20 shrink factors from 1.0 down to 0.525.
@@ -201,19 +204,8 @@ def output_error_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sc
     the group's weight error and H_gg its block of the input Hessian: the squared output
     error that group adds on the calibration inputs."""
     hb = hessian_blocks(hessian, scheme, hessian.shape[0])
-    best_err = torch.full(lo.shape, torch.inf)
-    best_scale = torch.zeros_like(lo)
-    best_zero = torch.zeros_like(lo) if scheme.has_zero_point else None
-    for p in CLIP_GRID:
-        scale, zero = qparams_from_range(lo * p, hi * p, scheme)
-        e = (fake_quant_grouped(xg, scale, zero, scheme) - xg).nan_to_num(0.0)
-        err = torch.einsum("rgi,gij,rgj->rg", e, hb, e)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        if best_zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    return clip_search(xg, lo, hi, scheme, CLIP_GRID,
+                       lambda e: torch.einsum("rgi,gij,rgj->rg", e.nan_to_num(0.0), hb, e.nan_to_num(0.0)))
 
 
 def quantize_activations(x: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None) -> torch.Tensor:
