@@ -211,6 +211,11 @@ def test_qat_lowers_the_distillation_loss_and_exports_codes():
     kl = _kl({"rtn": rtn.model, "qat": qat.model}, model, ids)
     assert kl["qat"] < kl["rtn"]
     assert isinstance(qat.model.model.layers[0].mlp.up_proj, QuantLinear)
+    # activation-quantizing schemes train through rounded inputs, a static one with its calibrated scale
+    opts.qat.steps = 2
+    static = quantize_model(copy.deepcopy(model), make_recipe("w8a8-static", "qat"), ids, progress=False,
+                            method_options=opts, float_dtype=torch.float32)
+    assert float(static.model.model.layers[0].mlp.down_proj.act_scale) > 0
 
 
 # ---- KV cache ------------------------------------------------------------------

@@ -69,7 +69,7 @@ def _read_recipe(path: str):
 
 
 def _mixed_recipe(args, recipe, choices):
-    """Measure sensitivity on a few calibration windows and allocate bits (printed, and saved beside --out)."""
+    """Measure sensitivity on two calibration windows and allocate bits (printed; the recipe lands in lowbit.json)."""
     from .algorithms.mixed import mixed_recipe
     from .models.load import load_float
 

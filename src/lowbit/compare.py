@@ -37,7 +37,7 @@ def compare(source: str = "smollm2-135m", variants: list = (), *, text: str = "w
     for recipe in recipes:
         t = time.time()
         notes = {}
-        if callable(recipe) and not isinstance(recipe, Recipe):
+        if callable(recipe):  # a Recipe is not callable: this one builds its recipe on the calibration text
             recipe, notes = recipe(calib, base)
         label = recipe.method + (" mixed" if recipe.overrides else "")
         log(f"{label} {recipe.scheme.name} ...")

@@ -171,7 +171,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
             return gptq(w, H, scheme, blocksize=opts.blocksize, percdamp=opts.percdamp,
                         act_order=opts.act_order, weighted_mse=opts.weighted_mse, name=name)
         if plan.smooth == "awq" and scheme.granularity != "tensor":
-            return quantize_tensor(w, scheme, **dict(zip(("scale", "zero_point"), choose_qparams(w, scheme, hessian=H))), name=name)
+            scale, zero_point = choose_qparams(w, scheme, hessian=H)
+            return quantize_tensor(w, scheme, scale=scale, zero_point=zero_point, name=name)
         return rtn(w, scheme, name)
 
     act_amax = {} if any(s.activations is not None and not s.activations.dynamic for s in targets.values()) else None
@@ -188,7 +189,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None 
             extras.setdefault(name, {})["act_scale"] = static_act_scale(a, acts)
     if plan.quantizer == "qat":
         from .algorithms.qat import qat_finetune
-        qts, info["qat"] = qat_finetune(model, teacher, qts, calib, latent, mopts.qat, progress=progress)
+        act_scales = {n: e["act_scale"] for n, e in extras.items() if "act_scale" in e}
+        qts, info["qat"] = qat_finetune(model, teacher, qts, calib, latent, mopts.qat, act_scales, progress=progress)
         del teacher
     install(model, qts, extras)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

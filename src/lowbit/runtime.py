@@ -267,7 +267,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
         for name, m in quantized_modules(model).items():
             qt = m.qweight
             tensors.update(qt.tensors(prefix=f"{name}.qweight."))
-            modules[name] = {**qt.meta(), **({"extras": m.extra_meta()} if m.extra_meta() else {})}
+            extras = m.extra_meta()
+            modules[name] = {**qt.meta(), **({"extras": extras} if extras else {})}
         fstate = float_state(model)
         tensors.update({k: (v.to(float_dtype) if v.is_floating_point() else v).contiguous() for k, v in fstate.items()})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "lowbit"})

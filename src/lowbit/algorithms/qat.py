@@ -43,7 +43,8 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class FakeQuantLinear(nn.Module):
     """Linear with a latent weight and learnable log-scales, fake-quantized on every forward."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, qt: QuantizedTensor, input_transform=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, qt: QuantizedTensor, input_transform=None,
+                 act_scale: torch.Tensor | None = None):
         super().__init__()
         s = qt.scheme
         if s.number_format.kind != "int" or s.float_zero:
@@ -56,6 +57,7 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("zero", z if z is not None else None)
         self.bias = bias
         self.input_transform = input_transform
+        self.act_scale = act_scale  # static activation schemes: the scale calibrated before training
         lo, hi = s.number_format.int_range(s.symmetric)
         self.qmin, self.qmax = lo, hi
 
@@ -73,7 +75,7 @@ class FakeQuantLinear(nn.Module):
             x = hadamard_transform(x)
         if self.scheme.activations is not None:  # activations round too (no gradient to their dynamic scales)
             from ..observe import quantize_activations
-            x = x + (quantize_activations(x.detach(), self.scheme.activations) - x).detach()
+            x = x + (quantize_activations(x.detach(), self.scheme.activations, self.act_scale) - x).detach()
         return F.linear(x, self.weight_hat(), self.bias)
 
     def export(self, name: str) -> QuantizedTensor:
@@ -84,7 +86,7 @@ class FakeQuantLinear(nn.Module):
 
 def qat_finetune(model: nn.Module, teacher: nn.Module, qts: dict[str, QuantizedTensor], calib: torch.Tensor,
                  latent: dict[str, torch.Tensor], options: QATOptions | None = None,
-                 progress: bool = True) -> tuple[dict[str, QuantizedTensor], dict]:
+                 act_scales: dict[str, torch.Tensor] | None = None, progress: bool = True) -> tuple[dict[str, QuantizedTensor], dict]:
     """Fine-tune `model` (its targets hold RTN values) towards `teacher`; returns new QuantizedTensors
     and the loss curve. `latent[name]` is the float weight each latent starts from."""
     o = options or QATOptions()
@@ -94,7 +96,8 @@ def qat_finetune(model: nn.Module, teacher: nn.Module, qts: dict[str, QuantizedT
     fq = {}
     for name, qt in qts.items():
         old = model.get_submodule(name)
-        fq[name] = FakeQuantLinear(latent[name], getattr(old, "bias", None), qt, getattr(old, "input_transform", None))
+        fq[name] = FakeQuantLinear(latent[name], getattr(old, "bias", None), qt, getattr(old, "input_transform", None),
+                                   (act_scales or {}).get(name))
         replace_module(model, name, fq[name])
     params_w = [m.weight for m in fq.values()]
     params_s = [m.log_scale for m in fq.values()]
