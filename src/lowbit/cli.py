@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="module name pattern kept in float (repeatable; default: lm_head and embeddings)")
     p.add_argument("--include", action="append", default=None, metavar="PATTERN", help="only quantize modules matching (repeatable; default: all Linears)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (a killed run resumes when the same command is run again)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: 8)")
+    p.add_argument("--dry-run", action="store_true", help="predict peak RAM, disk and time for this machine, then stop")
+    p.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming it block by block "
+                   "from disk (rotate and qat always do; no resume)")
     _add_export_args(p, "also write the model in this serving format to --export-out")
     p.add_argument("--export-out", help="where --format writes (a directory; a .gguf file for gguf)")
     p.add_argument("--report", metavar="HTML", help="also write an HTML report (quality vs float on held-out text, task probes) and its JSON")
@@ -163,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        from .io import disk_full_error
+
+        err = disk_full_error(getattr(e, "filename", None) or "the output", e)
+        if err is None:
+            raise
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_schemes(args) -> int:

@@ -33,10 +33,17 @@ def cmd_quantize(args) -> int:
         recipe, mixed_info = _mixed_recipe(args, recipe, choices)
     mopts = MethodOptions(smoothquant_alpha=args.alpha, outlier_threshold=args.outlier_threshold,
                           rotation_seed=args.seed, qat=QATOptions(steps=args.qat_steps, seed=args.seed))
-    res = quantize(args.model, calib=args.calib, text_field=args.text_field, recipe=recipe,
-                   samples=args.samples, seq_len=args.seq_len, seed=args.seed, out=args.out,
-                   method_options=mopts, progress=_progress(args),
-                   extra_info={"mixed_precision": mixed_info} if args.target_bits is not None else None)
+    extra = {"mixed_precision": mixed_info} if args.target_bits is not None else None
+    if _streams(args, recipe):
+        res = _stream(args, recipe, mopts, extra)
+        if res is None:
+            return 0
+    else:
+        if args.dry_run:
+            raise UserError("--dry-run predicts streamed runs; this one loads the whole model (rotate, qat, --in-memory or a GGUF source)")
+        res = quantize(args.model, calib=args.calib, text_field=args.text_field, recipe=recipe,
+                       samples=args.samples, seq_len=args.seq_len, seed=args.seed, out=args.out,
+                       method_options=mopts, progress=_progress(args), extra_info=extra)
     if args.format:
         rep = _export(res.model, res.tokenizer, args.format, args.export_out, args.model, args.out, args)
         print(f"exported {args.format} -> {args.export_out}: {rep}")
@@ -47,10 +54,51 @@ def cmd_quantize(args) -> int:
     for key in ("outlier_split", "qat"):
         if key in res.info:
             print(f"{key}: {json.dumps(res.info[key])}")
-    print(f"quantized {len(res.qtensors)} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
+    print(f"quantized {res.info.get('quantized_modules', len(res.qtensors))} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
           f"{b['float_bytes'] / 1e6:.1f} MB float)")
     return 0
+
+
+def _streams(args, recipe) -> bool:
+    from .models.load import resolve_source
+    from .stream import streamable
+
+    return not args.in_memory and streamable(recipe) and resolve_source(args.model)[0] in ("hf", "embedded")
+
+
+def _stream(args, recipe, mopts, extra):
+    """Block by block from disk, resumable; the QuantizeResult is loaded back only when an
+    export or report needs the model. None after --dry-run."""
+    from .models.runner import dist_rank_world
+    from .pipeline import QuantizeResult
+    from .runtime import load_quantized
+    from .stream import StreamOptions, stream_quantize
+
+    _init_distributed()
+    opts = StreamOptions(calib=args.calib, text_field=args.text_field, samples=args.samples, seq_len=args.seq_len,
+                         seed=args.seed, batch_size=args.batch_size, method=mopts, progress=_progress(args))
+    info = stream_quantize(args.model, recipe, args.out, opts, extra_info=extra, dry_run=args.dry_run)
+    if info is None:
+        return None
+    if info["resumed_from_block"]:
+        print(f"resumed at block {info['resumed_from_block']} (earlier blocks were already done)")
+    if dist_rank_world()[0] != 0:
+        return None
+    model, tok = None, None
+    if args.format or args.report:
+        model, tok, _ = load_quantized(args.out)
+    return QuantizeResult(model, {}, info["seconds"], info, tok)
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1): one process group, gloo on CPU, NCCL with GPUs."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _read_recipe(path: str):
@@ -60,6 +108,8 @@ def _read_recipe(path: str):
 
     try:
         d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict):
+            raise TypeError("the file holds no JSON object")
         d = d.get("recipe", d)  # a lowbit.json holds its recipe under "recipe"
         return Recipe.from_dict(d)
     except OSError as e:

@@ -129,7 +129,10 @@ def text_windows(tokenizer, spec: str, text_field: str, seq_len: int, *, calib_s
     calib_text, eval_text = split_text(load_text(spec, text_field))
     calib = eval_ = None
     if calib_samples:
-        calib = calibration_windows(tokenize(tokenizer, calib_text), calib_samples, seq_len, seed)
+        try:
+            calib = calibration_windows(tokenize(tokenizer, calib_text), calib_samples, seq_len, seed)
+        except UserError as e:
+            raise UserError(f"{spec}: {e}") from None
     if eval_max is not None:
         eval_ = eval_windows(tokenize(tokenizer, eval_text), seq_len, eval_max)
     return calib, eval_

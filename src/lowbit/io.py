@@ -73,3 +73,34 @@ def read_safetensors(path: str | os.PathLike):
     except Exception as e:  # safetensors raises several types for corrupt headers/data
         raise UserError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None
     return tensors, metadata
+
+
+DISK_ERRNOS = (28, 27, 122)  # ENOSPC, EFBIG (a file size limit), EDQUOT
+
+
+def disk_full_error(path, e: BaseException) -> UserError | None:
+    """A UserError for an out-of-space write (OSError or safetensors' own error), else None."""
+    import errno as _errno
+
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        why = _errno.errorcode.get(e.errno, str(e.errno))
+    elif type(e).__name__ == "SafetensorError" and any(f"os error {n})" in str(e) for n in DISK_ERRNOS):
+        why = str(e).rsplit(":", 1)[-1].strip()
+    else:
+        return None
+    return UserError(f"disk full (or a file size limit) while writing {path} ({why}); finished work is kept: "
+                     f"free space and run the same command again to resume")
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors.save_file, atomically, with one clear error when the disk is full."""
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+    except Exception as e:
+        err = disk_full_error(path, e)
+        if err is None:
+            raise
+        raise err from None

@@ -275,10 +275,33 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {"format": "lowbit", "version": FORMAT_VERSION, "modules": modules,
-                "float_dtype": str(float_dtype).removeprefix("torch."), **info}
-        (tmp / "lowbit.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        (tmp / "lowbit.json").write_text(json.dumps(lowbit_meta(modules, float_dtype, info), indent=1, sort_keys=True) + "\n")
     return out
+
+
+def lowbit_meta(modules: dict, float_dtype: torch.dtype, info: dict) -> dict:
+    """lowbit.json: every quantized module's scheme and layout, and how the model was made
+    (no wall-clock figures: the same job gives the same bytes)."""
+    info = {k: v for k, v in info.items() if k not in ("seconds", "resumed_from_block", "preflight")}
+    return {"format": "lowbit", "version": FORMAT_VERSION, "modules": modules,
+            "float_dtype": str(float_dtype).removeprefix("torch."), **info}
+
+
+def _read_shards(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or every shard a model.safetensors.index.json lists (streamed outputs)."""
+    from .io import read_safetensors
+
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return read_safetensors(path / "model.safetensors")[0]
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{index}: unreadable ({type(e).__name__}: {e})") from None
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors(path / f)[0])
+    return tensors
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -286,14 +309,13 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from .io import read_safetensors
     from .models.load import read_lowbit_config
 
     path = Path(path)
     meta = read_lowbit_config(path)
     if meta.get("format") != "lowbit" or meta.get("version") != FORMAT_VERSION:
         raise UserError(f"{path}: lowbit.json says format {meta.get('format')!r} version {meta.get('version')!r}; this lowbit reads version {FORMAT_VERSION}")
-    tensors, _ = read_safetensors(path / "model.safetensors")
+    tensors = _read_shards(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -303,7 +325,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         try:
             qts[name] = QuantizedTensor.from_tensors(tensors, m, prefix=prefix)
         except KeyError as e:
-            raise UserError(f"{path}: model.safetensors lacks {e.args[0]} listed in lowbit.json") from None
+            raise UserError(f"{path}: the safetensors files lack {e.args[0]} listed in lowbit.json") from None
         for k in list(tensors):
             if k.startswith(prefix):
                 del tensors[k]

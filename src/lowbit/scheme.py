@@ -133,11 +133,16 @@ class Scheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
-        d = dict(d)
-        d.setdefault("zero_domain", "int")  # written before float zero points existed
-        if d.get("activations"):
-            d["activations"] = cls.from_dict(d["activations"])
-        return cls(**d)
+        try:
+            d = dict(d)
+            d.setdefault("zero_domain", "int")  # written before float zero points existed
+            if d.get("activations"):
+                d["activations"] = cls.from_dict(d["activations"])
+            return cls(**d)
+        except SchemeError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise SchemeError(f"not a lowbit scheme ({type(e).__name__}: {e})") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -288,10 +293,23 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        return cls(
-            scheme=Scheme.from_dict(d["scheme"]),
-            method=d.get("method", "rtn"),
-            include=list(d.get("include", ["*"])),
-            exclude=list(d.get("exclude", [])),
-            overrides={k: Scheme.from_dict(v) for k, v in d.get("overrides", {}).items()},
-        )
+        try:
+            strings = lambda v: [str(x) for x in v] if isinstance(v, list) else _bad(f"a list of patterns, got {v!r}")  # noqa: E731
+            method = d.get("method", "rtn")
+            if not isinstance(method, str):
+                _bad(f"method must be a string, got {method!r}")
+            return cls(
+                scheme=Scheme.from_dict(d["scheme"]),
+                method=method,
+                include=strings(d.get("include", ["*"])),
+                exclude=strings(d.get("exclude", [])),
+                overrides={str(k): Scheme.from_dict(v) for k, v in d.get("overrides", {}).items()},
+            )
+        except SchemeError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise SchemeError(f"not a lowbit recipe ({type(e).__name__}: {e})") from None
+
+
+def _bad(msg: str):
+    raise SchemeError(msg)

@@ -114,6 +114,9 @@ def load_float(source: str, dtype: torch.dtype = torch.float32, trust_remote_cod
 
 def read_lowbit_config(path: Path) -> dict:
     try:
-        return json.loads((path / LOWBIT_CONFIG).read_text())
+        meta = json.loads((path / LOWBIT_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path / LOWBIT_CONFIG}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path / LOWBIT_CONFIG}: not a lowbit.json (holds {type(meta).__name__}, not an object)")
+    return meta

@@ -18,7 +18,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .adapters import decoder_layers, linear_modules, linear_weight, set_linear_weight
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, (0, 1) when it is not in use."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class _StopForward(Exception):
@@ -38,7 +48,14 @@ class BlockInputs:
     @classmethod
     @torch.no_grad()
     def capture(cls, model: nn.Module, windows: torch.Tensor, batch_size: int) -> "BlockInputs":
+        """Batches of `batch_size` windows; under torch.distributed each process takes
+        every world-th batch, so the batches themselves match a one-process run."""
         _, layers = decoder_layers(model)
+        rank, world = dist_rank_world()
+        batches = list(windows.split(batch_size))
+        if len(batches) < world:
+            raise UserError(f"{len(batches)} calibration batches cannot be split over {world} processes; "
+                            f"use more --samples or fewer processes")
         calls = []
 
         def hook(_mod, args, kwargs):
@@ -47,7 +64,7 @@ class BlockInputs:
 
         handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            for batch in windows.split(batch_size):
+            for batch in batches[rank::world]:
                 try:
                     model(input_ids=batch, use_cache=False)
                 except _StopForward:
@@ -55,6 +72,16 @@ class BlockInputs:
         finally:
             handle.remove()
         return cls(calls)
+
+    def hidden(self) -> list[torch.Tensor]:
+        """The hidden states of every batch (what a resume checkpoint must keep)."""
+        return [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.calls]
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        if len(hidden) != len(self.calls):
+            raise ValueError(f"{len(hidden)} hidden-state batches for {len(self.calls)} calls")
+        return BlockInputs([((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+                            for h, (args, kwargs) in zip(hidden, self.calls)])
 
     @torch.no_grad()
     def run(self, block: nn.Module) -> "BlockInputs":
@@ -132,25 +159,40 @@ def linear_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class InputStats:
     """What calibration learns about one Linear's inputs: H = X^T X / n (when collected),
-    per-channel absmax and mean |x| (what SmoothQuant, AWQ and outlier splitting need)."""
+    per-channel absmax and mean |x| (what SmoothQuant, AWQ and outlier splitting need).
+
+    Each batch's X^T X is computed in float32 and summed in float64, so the sum does not
+    depend on the order the batches arrive in: processes that split the calibration
+    batches (reduce()) reach what one process reaches, to float64 rounding."""
 
     def __init__(self, cols: int, hessian: bool):
-        self.H = torch.zeros(cols, cols) if hessian else None
+        self.H = torch.zeros(cols, cols, dtype=torch.float64) if hessian else None
         self.amax = torch.zeros(cols)
         self.abssum = torch.zeros(cols, dtype=torch.float64)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         if self.H is not None:
-            self.H.addmm_(x.t(), x)
+            self.H += (x.t() @ x).double()
         a = x.abs()
         self.amax = torch.maximum(self.amax, a.amax(0))
         self.abssum += a.sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 
+    def reduce(self) -> None:
+        """Combine with the same statistics of the other torch.distributed processes."""
+        import torch.distributed as dist
+
+        n = torch.tensor([self.n], dtype=torch.float64)
+        for t in (self.H, self.abssum, n):
+            if t is not None:
+                dist.all_reduce(t)
+        dist.all_reduce(self.amax, op=dist.ReduceOp.MAX)
+        self.n = int(n.item())
+
     def finish(self) -> "InputStats":
-        if self.H is not None:
-            self.H /= max(self.n, 1)
+        if self.H is not None and self.H.dtype == torch.float64:
+            self.H = (self.H / max(self.n, 1)).to(torch.float32)
         return self
 
     @property
@@ -186,6 +228,8 @@ class StatsCollector:
     def pop(self, name: str) -> InputStats | None:
         """Stats for `name`, or None if calibration never reached it (the caller rounds to nearest)."""
         st = self.stats.pop(name, None)
+        if st is not None and dist_rank_world()[1] > 1:
+            st.reduce()
         return st.finish() if st is not None else None
 
     def close(self):
@@ -196,7 +240,9 @@ class StatsCollector:
 def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *, calib: torch.Tensor | None,
                    batch_size: int = 8, progress: bool = True, desc: str = "quantize",
                    true_sequential: bool = False, prepare=None, hessian: bool = True,
-                   act_amax: dict[str, torch.Tensor] | None = None) -> dict[str, object]:
+                   act_amax: dict[str, torch.Tensor] | None = None, load_block=None, block_done=None,
+                   start: int = 0, hidden: list[torch.Tensor] | None = None,
+                   outside_blocks: bool = True) -> dict[str, object]:
     """Quantize the Linears named in `targets` block by block.
 
     quantize_fn(name, weight [out,in], InputStats or None) -> QuantizedTensor. With
@@ -211,15 +257,24 @@ def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *,
     scales into the block there (and rescale `stats` to match). `act_amax`, if given,
     is filled with each quantized Linear's per-channel input absmax as seen *after*
     quantization (what a static activation scale must cover at inference).
-    Returns {module name: QuantizedTensor}.
+
+    Streaming (lowbit.stream) hooks in with `load_block(i, block)` (called before block i
+    is used: its weights come off disk), `block_done(i, block, results, inputs)` (called
+    once the block's outputs are the next inputs: it may write and drop the block and pop
+    its results), and `start`/`hidden` (resume: skip blocks before `start`, whose
+    outputs `hidden` holds). Returns {module name: QuantizedTensor} still held.
     """
     prefix, layers = decoder_layers(model)
     results = {}
     inputs = BlockInputs.capture(model, calib, batch_size) if calib is not None else None
-    bar = tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress, leave=False)
+    if inputs is not None and hidden is not None:
+        inputs = inputs.with_hidden(hidden)
+    bar = tqdm(range(start, len(layers)), desc=desc, unit="block", disable=not progress, leave=False)
     t0 = time.time()
     for i in bar:
         block = layers[i]
+        if load_block is not None:
+            load_block(i, block)
         names = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(block).items() if f"{prefix}.{i}.{n}" in targets}
         if names and inputs is None:
             for name, mod in names.items():
@@ -247,12 +302,14 @@ def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *,
             if after is not None:
                 after.close()
                 act_amax.update({n: st.amax for n in names if (st := after.pop(n)) is not None})
+        if block_done is not None:
+            block_done(i, block, results, inputs)
         bar.set_postfix_str(f"{time.time() - t0:.0f}s")
-    # Linears outside the blocks (only if a recipe asks for them, e.g. lm_head): round to nearest.
-    for name in targets:
-        if name not in results:
-            mod = model.get_submodule(name)
-            qt = quantize_fn(name, linear_weight(mod), None)
-            set_linear_weight(mod, qt.dequantize())
-            results[name] = qt
+    if outside_blocks:  # Linears outside the blocks (only if a recipe asks, e.g. lm_head): round to nearest
+        for name in targets:
+            if name not in results and not name.startswith(f"{prefix}."):
+                mod = model.get_submodule(name)
+                qt = quantize_fn(name, linear_weight(mod), None)
+                set_linear_weight(mod, qt.dequantize())
+                results[name] = qt
     return results

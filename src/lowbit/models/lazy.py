@@ -1,0 +1,162 @@
+"""Checkpoints read lazily: an empty model skeleton, and tensors loaded one block at a time.
+
+A model far larger than RAM is quantized by building it on the meta device (shapes only,
+no storage) and filling one decoder block at a time from the safetensors shards.
+Every header is read and checked up front, so a truncated shard or a config that
+disagrees with the tensors fails before any work, with the file and tensor named.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+INDEX = "model.safetensors.index.json"
+
+
+class LazyCheckpoint:
+    """Tensor names, shapes and dtypes of a safetensors checkpoint (one file or sharded with
+    an index); tensors are read only when asked for."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files, listed = self._files()
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        if listed is not None and listed.get(k) != f.name:
+                            continue  # the index is authoritative: a shard may hold tensors it does not list
+                        sl = h.get_slice(k)
+                        self.where[k], self.shapes[k], self.dtypes[k] = f, tuple(sl.get_shape()), sl.get_dtype()
+            except Exception as e:  # safetensors raises several types for truncated or corrupt headers
+                raise UserError(f"{f}: unreadable safetensors file, truncated or corrupt ({type(e).__name__}: {e})") from None
+        if listed is not None and len(self.where) < len(listed):
+            k = next(k for k in listed if k not in self.where)
+            raise UserError(f"{self.path / INDEX}: {k} is not in {listed[k]}, where the index says it is")
+        if not self.where:
+            raise UserError(f"{self.path}: the safetensors files hold no tensors")
+
+    def _files(self) -> tuple[list[Path], dict | None]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map is not a {tensor: file} object")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"{index} lists {len(missing)} missing shard(s), e.g. {missing[0]}")
+            return files, weight_map
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{self.path}: no .safetensors weights (lowbit reads safetensors and GGUF only, never pickles)")
+        return files, None
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def nbytes(self, names=None) -> int:
+        sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+        return sum(_numel(self.shapes[k]) * sizes.get(self.dtypes[k], 2) for k in (names if names is not None else self.where))
+
+    def load(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors (floating ones cast to `dtype`), each checked for NaN/Inf."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k in names:
+            by_file.setdefault(self.where[k], []).append(k)
+        out = {}
+        for f, keys in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in keys:
+                        t = h.get_tensor(k)
+                        if t.is_floating_point():
+                            _check_finite(t, k, f)
+                            if dtype is not None and t.dtype != dtype:
+                                t = t.to(dtype)
+                        out[k] = t
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"{f}: cannot read its tensors ({type(e).__name__}: {e})") from None
+        return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_finite(t: torch.Tensor, name: str, f: Path) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        n = int(bad.sum())
+        raise UserError(f"{f.name}: {name} holds {n} NaN/Inf value(s) of {t.numel()}; fix the checkpoint before quantizing")
+
+
+def skeleton(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every parameter on the meta device (no storage) and real buffers
+    (rotary frequencies), from the checkpoint's config.json."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a hand-edited or foreign config.json fails inside transformers in many ways
+        raise UserError(f"{path}: unsupported or unreadable config.json ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return model.eval()
+
+
+def check_matches(model: nn.Module, ckpt: LazyCheckpoint) -> None:
+    """The checkpoint holds exactly the tensors the config implies, with the same shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    wrong = [(k, ckpt.shapes[k], expected[k]) for k in ckpt.keys() if k in expected and ckpt.shapes[k] != expected[k]]
+    if wrong:
+        k, got, want = wrong[0]
+        raise UserError(f"{ckpt.path}: config.json disagrees with the tensors: {k} is {list(got)} in the checkpoint, "
+                        f"the config implies {list(want)} ({len(wrong)} such tensor(s))")
+    missing = [k for k in expected if k not in ckpt.where and not (tied and k.startswith("lm_head."))]
+    if missing:
+        raise UserError(f"{ckpt.path}: the checkpoint lacks {len(missing)} tensor(s) the config implies, e.g. {missing[0]}")
+    unexpected = [k for k in ckpt.keys() if k not in expected]
+    if unexpected:
+        raise UserError(f"{ckpt.path}: the checkpoint holds {len(unexpected)} tensor(s) the config does not, e.g. {unexpected[0]}")
+
+
+def fill(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Give a meta `module` the real tensors stored under `prefix`."""
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+class UpcastEmbedding(nn.Module):
+    """An embedding table kept in its stored dtype (bf16: half the memory) whose rows come
+    out in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).to(self.dtype)
