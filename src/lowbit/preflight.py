@@ -30,17 +30,48 @@ GB = 1e9
 class Machine:
     gflops: float  # float32 GEMM throughput
     read_gb_s: float  # reading the checkpoint
-    quant_ns: dict = field(default_factory=dict)  # ns per weight of the quantizer, by input width
+    quant_ns: dict = field(default_factory=dict)  # (ns per weight, ns per column) of GPTQ, by input width
+    pipeline_ns: dict = field(default_factory=dict)  # ns per weight to read, round and unpack, by input width
+    factor_s_per_n3: float = 0.0  # GPTQ's cols^3 factorisation
 
     @classmethod
-    def measure(cls, ckpt: LazyCheckpoint, scheme, quantizer: str, widths: list[int]) -> "Machine":
-        a = torch.randn(1024, 1024)
+    def measure(cls, ckpt: LazyCheckpoint, scheme, quantizer: str, widths: dict[int, str]) -> "Machine":
+        """`widths`: input width -> one checkpoint tensor of that width (measured on its first rows)."""
+        a = torch.randn(2048, 2048)
         torch.mm(a, a)
         t = time.perf_counter()
-        for _ in range(4):
+        for _ in range(2):
             torch.mm(a, a)
-        gflops = 4 * 2 * 1024 ** 3 / (time.perf_counter() - t) / 1e9
-        return cls(gflops, _read_speed(ckpt), {w: _quant_ns(scheme, quantizer, w, gflops) for w in sorted(set(widths))})
+        gflops = 2 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
+        factor = _factor_s_per_n3() if quantizer == "gptq" else 0.0
+        gptq_ns = {w: _quant_ns(scheme, w, gflops, factor) for w in widths} if quantizer == "gptq" else {}
+        return cls(gflops, _read_speed(ckpt), gptq_ns, {w: _pipeline_ns(ckpt, k, scheme) for w, k in widths.items()}, factor)
+
+
+def _factor_s_per_n3(n: int = 2048) -> float:
+    """Seconds per n^3 of GPTQ's inverse-Hessian factorisation (Cholesky, inverse, Cholesky),
+    which runs well below the GEMM rate."""
+    from .algorithms.gptq import _inverse_hessian_factor
+
+    x = torch.randn(2 * n, n)
+    H = x.t() @ x / x.shape[0]
+    t = time.perf_counter()
+    _inverse_hessian_factor(H, 0.01)
+    return (time.perf_counter() - t) / n ** 3
+
+
+def _pipeline_ns(ckpt: LazyCheckpoint, key: str, scheme) -> float:
+    """ns per weight to read a tensor, cast it, round it to the scheme and dequantize it
+    (what every weight costs in the streamed run), on a slice large enough (64 MB in
+    float32) to fall out of the caches as the real tensors do."""
+    from .algorithms.rtn import rtn
+
+    rows, cols = ckpt.shapes[key][0], _numel(ckpt.shapes[key][1:])
+    take = min(rows, max(1, (64 << 20) // (4 * cols)))
+    t = time.perf_counter()
+    w = ckpt.read_rows(key, 0, take).float()
+    rtn(w, scheme).dequantize()
+    return (time.perf_counter() - t) / w.numel() * 1e9
 
 
 def _read_speed(ckpt: LazyCheckpoint, size: int = 128 << 20) -> float:
@@ -53,28 +84,26 @@ def _read_speed(ckpt: LazyCheckpoint, size: int = 128 << 20) -> float:
     return max(n / (time.perf_counter() - t) / GB, 0.05)
 
 
-def _quant_ns(scheme, quantizer: str, cols: int, gflops: float) -> float:
-    """Nanoseconds per weight for the parts of quantization that scale with rows x cols (the
-    rounding, scale search and GPTQ's per-column work), measured on a slice of rows. GPTQ's
-    rows x cols^2 update and cols^3 factorisation are added from the GEMM rate instead."""
+def _quant_ns(scheme, cols: int, gflops: float, factor: float) -> tuple[float, float]:
+    """(ns per weight, ns per input column) for the parts of quantization that scale with
+    rows x cols (rounding, scale search) and with cols alone (GPTQ's column loop), fitted
+    on two row counts of a column slice. GPTQ's rows x cols^2 update and cols^3
+    factorisation come from the GEMM rate instead."""
     from .algorithms.gptq import gptq
-    from .algorithms.rtn import rtn
 
     group = scheme.group_size or 64
-    cols_m = min(cols, 1024) // group * group or group
-    rows = 128
-    w = torch.randn(rows, cols_m) * 0.02
-    if quantizer == "gptq":
-        x = torch.randn(4 * cols_m, cols_m)
-        H = x.t() @ x / x.shape[0]
+    cols_m = min(cols, 2048) // group * group or group
+    x = torch.randn(4 * cols_m, cols_m)
+    H = x.t() @ x / x.shape[0]
+    times = []
+    for rows in (256, 1024):
+        w = torch.randn(rows, cols_m) * 0.02
         t = time.perf_counter()
         gptq(w, H, scheme)
-        dt = time.perf_counter() - t - (2 * rows * cols_m ** 2 + cols_m ** 3) / (gflops * 1e9)
-    else:
-        t = time.perf_counter()
-        rtn(w, scheme)
-        dt = time.perf_counter() - t
-    return max(dt, 1e-6) / (rows * cols_m) * 1e9
+        times.append(max(time.perf_counter() - t - 2 * rows * cols_m ** 2 / (gflops * 1e9) - factor * cols_m ** 3, 1e-6))
+    per_weight = max((times[1] - times[0]) / (768 * cols_m), 0.0)
+    per_col = max(times[0] - 256 * cols_m * per_weight, 0.0) / cols_m
+    return per_weight * 1e9, per_col * 1e9
 
 
 @dataclass
@@ -131,11 +160,12 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
     rss = psutil.Process().memory_info().rss
 
     ram = {"process now": rss, "block float32": 4 * block_numel,
-           "block as stored": max(ck.nbytes(b) for b in blocks) if blocks else 0,
+           "tensor as stored": max((ck.nbytes([k]) for b in blocks for k in b), default=0),
            "quantizer": 4 * big * 3}
     outside = [k for k in ck.keys() if not k.startswith(f"{job.prefix}.")]
-    largest_outside = max((ck.nbytes([k]) for k in outside), default=0)
-    ram["outside tensors"] = largest_outside * (1 + job.float_bytes / _itemsize(ck, outside[0])) if outside else 0
+    quantized_outside = [k for k in outside if k.removesuffix(".weight") in job.targets]
+    # float tensors outside the blocks are copied 64 MB at a time; one the recipe quantizes is loaded whole in float32
+    ram["outside tensors"] = max([3 * (64 << 20)] + [4 * 4 * ck.nbytes([k]) // _itemsize(ck, k) for k in quantized_outside])
     if job.tokens:
         hidden_b = 4 * job.tokens * job.hidden
         bt = job.batch_size * job.seq_len
@@ -161,14 +191,16 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
     out_bytes += float_numel * job.float_bytes
     disk = out_bytes + (2 * 4 * job.tokens * job.hidden if job.tokens else 0)
 
-    secs = {"read": ck.nbytes() / (machine.read_gb_s * GB), "write": out_bytes / (machine.read_gb_s * GB)}
+    # reading the blocks is inside the per-weight pipeline cost; the rest of the checkpoint is copied
+    secs = {"read": sum(ck.nbytes([k]) for k in outside) / (machine.read_gb_s * GB),
+            "write": out_bytes / (machine.read_gb_s * GB)}
     quant = 0.0
     for _, s in linears:
         rows, cols = s
-        ns = machine.quant_ns.get(cols) or next(iter(machine.quant_ns.values()))
-        quant += rows * cols * ns * 1e-9
+        quant += rows * cols * _by_width(machine.pipeline_ns, cols) * 1e-9
         if job.quantizer == "gptq" and job.tokens:
-            quant += (2 * rows * cols ** 2 + cols ** 3) / G
+            ns_w, ns_c = _by_width(machine.quant_ns, cols)
+            quant += (rows * cols * ns_w + cols * ns_c) * 1e-9 + 2 * rows * cols ** 2 / G + machine.factor_s_per_n3 * cols ** 3
     secs["quantize"] = quant
     if job.tokens:
         lin = sum(s[0] * s[1] for _, s in in_block)
@@ -184,8 +216,19 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
     return Prediction(peak, disk, sum(secs.values()), ram, secs, available, free_disk)
 
 
+def _by_width(table: dict, cols: int):
+    return table[cols] if cols in table else table[min(table, key=lambda w: abs(w - cols))]
+
+
 def _itemsize(ck: LazyCheckpoint, key: str) -> int:
-    return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}.get(ck.dtypes[key], 2)
+    return ck.nbytes([key]) // max(1, _numel(ck.shapes[key]))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def check_fits(pred: Prediction, samples: int | None, shrink) -> None:

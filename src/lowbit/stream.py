@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
-from .io import atomic_dir, save_tensors, write_json
+from .io import atomic_dir, atomic_path, save_tensors, write_json
 from .models.adapters import decoder_layers
 from .models.lazy import INDEX, LazyCheckpoint, UpcastEmbedding, check_matches, fill, skeleton
 from .models.load import resolve_source
@@ -267,8 +267,10 @@ def _preflight(ckpt, model, prefix, n_blocks, inside, bq, recipe, opts, calib, o
                    calib.shape[1] if calib is not None else 0, opts.batch_size, quantizer, bq.hessian,
                    torch.finfo(opts.float_dtype).bits // 8)
 
-    widths = [ckpt.shapes[f"{n}.weight"][1] for n in inside if f"{n}.weight" in ckpt.shapes]
-    machine = Machine.measure(ckpt, recipe.scheme, quantizer, widths or [cfg.hidden_size])
+    widths = {ckpt.shapes[f"{n}.weight"][1]: f"{n}.weight" for n in reversed(list(inside)) if f"{n}.weight" in ckpt.shapes}
+    if not widths:
+        raise UserError("the recipe quantizes no Linear inside the decoder blocks")
+    machine = Machine.measure(ckpt, recipe.scheme, quantizer, widths)
     n = int(calib.shape[0]) if calib is not None else 0
     pred = predict(job(n), machine, out)
     if dist_rank_world()[0] == 0:
@@ -281,6 +283,54 @@ def _preflight(ckpt, model, prefix, n_blocks, inside, bq, recipe, opts, calib, o
 
 def _module_name(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
+
+
+ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32",
+             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def copy_float_shard(ckpt: LazyCheckpoint, keys: list[str], float_dtype: torch.dtype, path: Path,
+                     chunk_bytes: int = 64 << 20) -> int:
+    """Write `keys` as one safetensors file, floats cast to `float_dtype`, reading and
+    writing one slice of rows at a time: a 1 GB embedding table never sits in memory
+    (safetensors' save_file would hold it, its cast and a serialised copy at once).
+    Returns the data bytes written."""
+    plan, offset = [], 0
+    for k in keys:
+        shape = ckpt.shapes[k]
+        src = ckpt.dtypes[k]
+        dtype = float_dtype if src in ("F16", "BF16", "F32", "F64") else None
+        item = float_dtype.itemsize if dtype is not None else ckpt.nbytes([k]) // max(_numel(shape), 1)
+        size = _numel(shape) * item
+        plan.append((k, shape, dtype, size))
+        offset += size
+    header, pos = {"__metadata__": {"format": "lowbit"}}, 0
+    for k, shape, dtype, size in plan:
+        header[k] = {"dtype": ST_DTYPES[dtype] if dtype is not None else ckpt.dtypes[k], "shape": list(shape),
+                     "data_offsets": [pos, pos + size]}
+        pos += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for k, shape, dtype, size in plan:
+            rows = shape[0] if shape else 1
+            step = max(1, chunk_bytes // max(size // max(rows, 1), 1))
+            for r0 in range(0, rows, step):
+                t = ckpt.read_rows(k, r0, min(r0 + step, rows)) if shape else ckpt.load([k])[k]
+                if dtype is not None:
+                    if not torch.isfinite(t).all():
+                        raise UserError(f"{ckpt.where[k].name}: {k} holds NaN/Inf values; fix the checkpoint before quantizing")
+                    t = t.to(dtype)
+                f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return offset
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def outside_groups(ckpt: LazyCheckpoint, prefix: str, big: int = 64 << 20) -> list[list[str]]:
@@ -318,6 +368,11 @@ def _finish(model, ckpt, groups, targets, bq, tok, out, progress, info, float_dt
             with safe_open(str(tmp / src.name), framework="pt") as h:
                 weight_map.update({k: src.name for k in h.keys()})
         for j, keys in enumerate(groups):
+            name = progress.shard_name(n + j)
+            if not any(k.removesuffix(".weight") in targets or (k == emb_key and head_from_table) for k in keys):
+                fbytes += copy_float_shard(ckpt, keys, float_dtype, tmp / name)  # embedding, head: a slice at a time
+                weight_map.update({k: name for k in keys})
+                continue
             tensors = {}
             for k, t in ckpt.load(keys).items():
                 name = k.removesuffix(".weight")
@@ -334,7 +389,6 @@ def _finish(model, ckpt, groups, targets, bq, tok, out, progress, info, float_dt
                 t = t.to(float_dtype) if t.is_floating_point() else t
                 tensors[k] = t.contiguous()
                 fbytes += t.numel() * t.element_size()
-            name = progress.shard_name(n + j)
             save_tensors(tensors, tmp / name, {"format": "lowbit"})
             weight_map.update({k: name for k in tensors})
             del tensors

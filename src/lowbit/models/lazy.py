@@ -8,6 +8,7 @@ disagrees with the tensors fails before any work, with the file and tensor named
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ class LazyCheckpoint:
                         self.where[k], self.shapes[k], self.dtypes[k] = f, tuple(sl.get_shape()), sl.get_dtype()
             except Exception as e:  # safetensors raises several types for truncated or corrupt headers
                 raise UserError(f"{f}: unreadable safetensors file, truncated or corrupt ({type(e).__name__}: {e})") from None
+        self._offsets: dict[Path, tuple[int, dict]] = {}
         if listed is not None and len(self.where) < len(listed):
             k = next(k for k in listed if k not in self.where)
             raise UserError(f"{self.path / INDEX}: {k} is not in {listed[k]}, where the index says it is")
@@ -65,36 +67,61 @@ class LazyCheckpoint:
             raise UserError(f"{self.path}: no .safetensors weights (lowbit reads safetensors and GGUF only, never pickles)")
         return files, None
 
+    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of a tensor read with plain file reads: unlike the memory map behind
+        safe_open, nothing read this way stays resident in this process."""
+        f = self.where[name]
+        if f not in self._offsets:
+            with open(f, "rb") as h:
+                n = int.from_bytes(h.read(8), "little")
+                self._offsets[f] = (8 + n, json.loads(h.read(n)))
+        base, header = self._offsets[f]
+        shape, dtype = self.shapes[name], _torch_dtype(self.dtypes[name], name)
+        row = dtype.itemsize * _numel(shape[1:])
+        if not shape:  # a scalar: one "row" of one element
+            shape, row = (1,), dtype.itemsize
+        start = base + header[name]["data_offsets"][0] + r0 * row
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            data = os.pread(fd, (r1 - r0) * row, start)
+        finally:
+            os.close(fd)
+        if len(data) != (r1 - r0) * row:
+            raise UserError(f"{f}: {name} is cut short (truncated file)")
+        if not data:
+            return torch.empty(r1 - r0, *shape[1:], dtype=dtype)
+        t = torch.frombuffer(bytearray(data), dtype=dtype)
+        return t.reshape(r1 - r0, *shape[1:]) if self.shapes[name] else t.reshape(())
+
     def keys(self) -> list[str]:
         return list(self.where)
 
     def nbytes(self, names=None) -> int:
-        sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-        return sum(_numel(self.shapes[k]) * sizes.get(self.dtypes[k], 2) for k in (names if names is not None else self.where))
+        return sum(_numel(self.shapes[k]) * _torch_dtype(self.dtypes[k], k).itemsize
+                   for k in (names if names is not None else self.where))
 
     def load(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The named tensors (floating ones cast to `dtype`), each checked for NaN/Inf."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for k in names:
-            by_file.setdefault(self.where[k], []).append(k)
         out = {}
-        for f, keys in by_file.items():
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in keys:
-                        t = h.get_tensor(k)
-                        if t.is_floating_point():
-                            _check_finite(t, k, f)
-                            if dtype is not None and t.dtype != dtype:
-                                t = t.to(dtype)
-                        out[k] = t
-            except UserError:
-                raise
-            except Exception as e:
-                raise UserError(f"{f}: cannot read its tensors ({type(e).__name__}: {e})") from None
+        for k in names:
+            t = self.read_rows(k, 0, self.shapes[k][0] if self.shapes[k] else 1)
+            if t.is_floating_point():
+                _check_finite(t, k, self.where[k])
+                if dtype is not None and t.dtype != dtype:
+                    t = t.to(dtype)
+            out[k] = t
         return out
+
+
+ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+            "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _torch_dtype(st: str, name: str) -> torch.dtype:
+    if st not in ST_TORCH:
+        raise UserError(f"{name}: safetensors dtype {st} is not one lowbit reads ({', '.join(ST_TORCH)})")
+    return ST_TORCH[st]
 
 
 def _numel(shape) -> int:
