@@ -133,13 +133,16 @@ class Progress:
 
 
 def fingerprint(ckpt: LazyCheckpoint, recipe, opts: StreamOptions, calibrated: bool) -> str:
-    """What decides the output bytes: the input files, the recipe, the calibration, the process count."""
+    """What decides the output bytes: the input files, the recipe, the calibration, the process
+    and thread counts."""
     files = sorted({str(f) for f in ckpt.where.values()})
     job = {"files": [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
            "recipe": recipe.to_dict(), "gptq": asdict(opts.gptq), "float_dtype": str(opts.float_dtype),
            "method": {k: v for k, v in asdict(opts.method).items() if k != "qat"},
            "calib": [opts.calib, opts.text_field, opts.samples, opts.seq_len, opts.seed, opts.batch_size] if calibrated else None,
-           "world": dist_rank_world()[1], "lowbit": __version__}
+           "world": dist_rank_world()[1], "lowbit": __version__,
+           # GEMM summation order follows the thread count, and GPTQ/AWQ decisions follow the sums
+           "threads": torch.get_num_threads() if calibrated else None}
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
 
 
