@@ -278,7 +278,9 @@ def test_cli_target_bits_saves_a_recipe_that_reruns_to_the_same_bytes(tmp_path):
     assert bits == {"int3", "int4"}
     r = _cli("quantize", "smollm2-135m", "--recipe", str(tmp_path / "a" / "lowbit.json"), "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    shards = sorted(f.name for f in (tmp_path / "a").glob("*.safetensors"))
+    assert shards and shards == sorted(f.name for f in (tmp_path / "b").glob("*.safetensors"))
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in shards)
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .models.lazy import LazyCheckpoint
+from .models.lazy import LazyCheckpoint, numel
 from .plan import linear_bytes
 
 GB = 1e9
@@ -66,7 +66,7 @@ def _pipeline_ns(ckpt: LazyCheckpoint, key: str, scheme) -> float:
     float32) to fall out of the caches as the real tensors do."""
     from .algorithms.rtn import rtn
 
-    rows, cols = ckpt.shapes[key][0], _numel(ckpt.shapes[key][1:])
+    rows, cols = ckpt.shapes[key][0], numel(ckpt.shapes[key][1:])
     take = min(rows, max(1, (64 << 20) // (4 * cols)))
     t = time.perf_counter()
     w = ckpt.read_rows(key, 0, take).float()
@@ -221,14 +221,7 @@ def _by_width(table: dict, cols: int):
 
 
 def _itemsize(ck: LazyCheckpoint, key: str) -> int:
-    return ck.nbytes([key]) // max(1, _numel(ck.shapes[key]))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return ck.nbytes([key]) // max(1, numel(ck.shapes[key]))
 
 
 def check_fits(pred: Prediction, samples: int | None, shrink) -> None:

@@ -30,7 +30,7 @@ from . import __version__
 from .errors import UserError
 from .io import atomic_dir, atomic_path, save_tensors, write_json
 from .models.adapters import decoder_layers
-from .models.lazy import INDEX, LazyCheckpoint, UpcastEmbedding, check_matches, fill, skeleton
+from .models.lazy import INDEX, ST_TORCH, LazyCheckpoint, UpcastEmbedding, check_matches, fill, numel, skeleton
 from .models.load import resolve_source
 from .models.runner import dist_rank_world, run_sequential
 from .pipeline import BlockQuantizer, GPTQOptions, Method, MethodOptions, target_modules
@@ -288,8 +288,7 @@ def _module_name(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
-ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32",
-             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_DTYPES = {dtype: name for name, dtype in ST_TORCH.items()}  # torch dtype -> safetensors header name
 
 
 def copy_float_shard(ckpt: LazyCheckpoint, keys: list[str], float_dtype: torch.dtype, path: Path,
@@ -303,8 +302,8 @@ def copy_float_shard(ckpt: LazyCheckpoint, keys: list[str], float_dtype: torch.d
         shape = ckpt.shapes[k]
         src = ckpt.dtypes[k]
         dtype = float_dtype if src in ("F16", "BF16", "F32", "F64") else None
-        item = float_dtype.itemsize if dtype is not None else ckpt.nbytes([k]) // max(_numel(shape), 1)
-        size = _numel(shape) * item
+        item = float_dtype.itemsize if dtype is not None else ckpt.nbytes([k]) // max(numel(shape), 1)
+        size = numel(shape) * item
         plan.append((k, shape, dtype, size))
         offset += size
     header, pos = {"__metadata__": {"format": "lowbit"}}, 0
@@ -327,13 +326,6 @@ def copy_float_shard(ckpt: LazyCheckpoint, keys: list[str], float_dtype: torch.d
                     t = t.to(dtype)
                 f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
     return offset
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def outside_groups(ckpt: LazyCheckpoint, prefix: str, big: int = 64 << 20) -> list[list[str]]:

@@ -77,7 +77,7 @@ class LazyCheckpoint:
                 self._offsets[f] = (8 + n, json.loads(h.read(n)))
         base, header = self._offsets[f]
         shape, dtype = self.shapes[name], _torch_dtype(self.dtypes[name], name)
-        row = dtype.itemsize * _numel(shape[1:])
+        row = dtype.itemsize * numel(shape[1:])
         if not shape:  # a scalar: one "row" of one element
             shape, row = (1,), dtype.itemsize
         start = base + header[name]["data_offsets"][0] + r0 * row
@@ -97,7 +97,7 @@ class LazyCheckpoint:
         return list(self.where)
 
     def nbytes(self, names=None) -> int:
-        return sum(_numel(self.shapes[k]) * _torch_dtype(self.dtypes[k], k).itemsize
+        return sum(numel(self.shapes[k]) * _torch_dtype(self.dtypes[k], k).itemsize
                    for k in (names if names is not None else self.where))
 
     def load(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -124,7 +124,8 @@ def _torch_dtype(st: str, name: str) -> torch.dtype:
     return ST_TORCH[st]
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
+    """Elements of a tensor of this shape (from a header, before any storage exists)."""
     n = 1
     for d in shape:
         n *= d
