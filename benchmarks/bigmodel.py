@@ -3,7 +3,7 @@
 Writes a checkpoint with the exact tensor shapes of a Llama-3-8B-class model (or a
 ~1B Llama shape) with random bf16 weights of realistic scale (linears N(0, 0.02),
 norms 1), in 2 GB shards with an index, then runs `lowbit quantize` on it in a child
-process for each method and records the child's peak RSS (wait4's ru_maxrss), its wall
+process for each method and records the child's peak RSS (VmHWM, sampled), its wall
 time, and the pre-flight prediction the run printed first. GPTQ through all 32 blocks
 of an 8B takes hours of two CPU cores, so `--gptq-blocks K` runs it on the first K
 blocks (same shapes, same per-block peak) through an index that lists only those.
@@ -28,9 +28,9 @@ SHAPES = {
     # Llama-3-8B: 32 x (4096, 14336), GQA 32/8, vocab 128256, untied head
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
-    # a ~1.1B Llama shape (TinyLlama-like: 22 x (2048, 5632), GQA 32/4, vocab 32000)
+    # a ~1.2B Llama shape (TinyLlama's blocks: 22 x (2048, 5632), GQA 32/4; the embedded tokenizer's 49152 vocab)
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
+               num_key_value_heads=4, vocab_size=49152),
 }
 
 
@@ -107,19 +107,33 @@ def first_blocks(d: Path, k: int) -> Path:
     return v
 
 
+def _hwm_bytes(pid: int) -> int:
+    """The process's peak resident set (VmHWM): reset at exec, so the parent's memory that
+    fork() briefly shares is not counted (wait4's ru_maxrss would count it)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run(argv: list[str]) -> dict:
     """Run `lowbit quantize` as a child; its peak RSS, wall time and the pre-flight line it printed."""
     t0 = time.time()
     p = subprocess.Popen([sys.executable, "-m", "lowbit", "--quiet", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    peak = 0
+    while p.poll() is None:  # sampled every 50 ms; VmHWM only grows, so a late sample holds every earlier peak
+        peak = max(peak, _hwm_bytes(p.pid))
+        time.sleep(0.05)
     out, err = p.stdout.read(), p.stderr.read()
     wall = time.time() - t0
     if p.returncode != 0:
         raise SystemExit(f"lowbit {' '.join(argv)} failed ({p.returncode}): {err[-2000:]}")
     m = re.search(r"peak RAM ([\d.]+) GB .*?disk ([\d.]+) GB .*?time (\d+)s", out)
-    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "seconds": wall,
+    return {"peak_rss_gb": peak / 1e9, "seconds": wall,
             "predicted_peak_gb": float(m.group(1)), "predicted_disk_gb": float(m.group(2)),
             "predicted_seconds": float(m.group(3)), "stdout": out.strip().splitlines()}
 

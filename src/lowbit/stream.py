@@ -211,6 +211,10 @@ def stream_quantize(source: str, recipe, out: str | os.PathLike, opts: StreamOpt
     calib = None
     if calibrated:
         calib, _ = text_windows(tok, opts.calib, opts.text_field, opts.seq_len, calib_samples=opts.samples, seed=opts.seed)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if int(calib.max()) >= rows:
+            raise UserError(f"{path}: the tokenizer produces token id {int(calib.max())} but the embedding has {rows} rows; "
+                            f"tokenizer and checkpoint do not belong together")
         emb_key = f"{_module_name(model, model.get_input_embeddings())}.weight"
         table = ckpt.load([emb_key])[emb_key]  # kept in its stored dtype; rows come out in float32
         model.set_input_embeddings(UpcastEmbedding(table, torch.float32))
