@@ -263,12 +263,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
 
     out = check_output_dir(out_dir)
     with atomic_dir(out) as tmp:
-        tensors, modules = {}, {}
-        for name, m in quantized_modules(model).items():
-            qt = m.qweight
-            tensors.update(qt.tensors(prefix=f"{name}.qweight."))
-            extras = m.extra_meta()
-            modules[name] = {**qt.meta(), **({"extras": extras} if extras else {})}
+        tensors, modules = quantized_payload(model)
         fstate = float_state(model)
         tensors.update({k: (v.to(float_dtype) if v.is_floating_point() else v).contiguous() for k, v in fstate.items()})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "lowbit"})
@@ -277,6 +272,18 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
             tokenizer.save_pretrained(tmp)
         (tmp / "lowbit.json").write_text(json.dumps(lowbit_meta(modules, float_dtype, info), indent=1, sort_keys=True) + "\n")
     return out
+
+
+def quantized_payload(root: nn.Module, prefix: str = "") -> tuple[dict, dict]:
+    """(packed tensors, lowbit.json module entries) of every QuantLinear under `root`,
+    named `prefix` + its path (the whole model, or one streamed block)."""
+    tensors, modules = {}, {}
+    for name, m in quantized_modules(root).items():
+        qt = m.qweight
+        tensors.update(qt.tensors(prefix=f"{prefix}{name}.qweight."))
+        extras = m.extra_meta()
+        modules[prefix + name] = {**qt.meta(), **({"extras": extras} if extras else {})}
+    return tensors, modules
 
 
 def lowbit_meta(modules: dict, float_dtype: torch.dtype, info: dict) -> dict:
@@ -291,7 +298,9 @@ def _read_shards(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or every shard a model.safetensors.index.json lists (streamed outputs)."""
     from .io import read_safetensors
 
-    index = path / "model.safetensors.index.json"
+    from .models.lazy import INDEX
+
+    index = path / INDEX
     if not index.is_file():
         return read_safetensors(path / "model.safetensors")[0]
     try:

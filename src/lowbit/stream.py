@@ -34,7 +34,7 @@ from .models.lazy import INDEX, ST_TORCH, LazyCheckpoint, UpcastEmbedding, check
 from .models.load import resolve_source
 from .models.runner import dist_rank_world, run_sequential
 from .pipeline import BlockQuantizer, GPTQOptions, Method, MethodOptions, target_modules
-from .runtime import QUANT_BUFFERS, QuantLinear, install, lowbit_meta
+from .runtime import QUANT_BUFFERS, QuantLinear, install, lowbit_meta, quantized_payload
 
 STREAMABLE = "rtn, gptq, awq, smoothquant, outlier-split and their compositions"
 
@@ -149,18 +149,12 @@ def fingerprint(ckpt: LazyCheckpoint, recipe, opts: StreamOptions, calibrated: b
 def _block_tensors(block: torch.nn.Module, prefix: str, float_dtype: torch.dtype) -> tuple[dict, dict]:
     """(tensors to store, summary) of a finished block: packed codes of its QuantLinears,
     its float parts (norms, biases) in the storage dtype."""
-    tensors, modules, qbytes, fbytes = {}, {}, 0, 0
-    kept_cols, in_cols = 0, 0
-    for n, m in block.named_modules():
-        if isinstance(m, QuantLinear):
-            qt = m.qweight
-            tensors.update(qt.tensors(prefix=f"{prefix}{n}.qweight."))
-            extras = m.extra_meta()
-            modules[f"{prefix}{n}"] = {**qt.meta(), **({"extras": extras} if extras else {})}
-            qbytes += qt.nbytes
-            in_cols += qt.shape[1]
-            if m.float_cols is not None:
-                kept_cols += int(m.float_cols.numel())
+    tensors, modules = quantized_payload(block, prefix)
+    qlinears = [m for m in block.modules() if isinstance(m, QuantLinear)]
+    qbytes = sum(m.qweight.nbytes for m in qlinears)
+    in_cols = sum(m.in_features for m in qlinears)
+    kept_cols = sum(int(m.float_cols.numel()) for m in qlinears if m.float_cols is not None)
+    fbytes = 0
     skip = {f"{n}.{b}" for n, m in block.named_modules() if isinstance(m, QuantLinear) for b in QUANT_BUFFERS}
     for k, t in block.state_dict().items():
         if k in skip:
