@@ -1,29 +1,61 @@
 """Every fast path is held to the reference path (dequantize, then matmul)."""
+import os
+
 import pytest
 import torch
 
 from lowbit import quantize_tensor
-from lowbit.kernels import select
+from lowbit.kernels import KERNELS, native, select
 from lowbit.runtime import QuantLinear
+
+NATIVE = native.available()
 
 CASES = [
     ("int4-g64", (192, 576)), ("int4-g64-asym", (1536, 576)), ("int4-g32-asym", (576, 1536)),
     ("int4-g128", (64, 576)),        # short last group: runs as g64 with repeated scales
     ("int4-channel", (48, 576)), ("int3-g64-asym", (192, 576)), ("int3-g64", (96, 576)),
     ("int2-g64-asym", (64, 576)), ("int4-g128-asym-mse", (256, 512)), ("int8-channel", (192, 576)),
+    # lowbit-int4 only: rows not a multiple of its 4-row tiles, groups of 96/192, a 64-column tail
+    ("int4-g96", (36, 576)), ("int4-g192-asym", (30, 576)), ("int4-channel", (6, 576)), ("int4-g32", (5, 704)),
 ]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+NATIVE_ONLY = CASES[10:]
 
 
 @pytest.mark.parametrize("name,shape", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_reference(name, shape, dtype):
+def test_every_case_has_a_fast_path(name, shape):
+    if not NATIVE and (name, shape) in NATIVE_ONLY:
+        pytest.skip("only lowbit's own kernel takes this layout")
+    qt = quantize_tensor(torch.randn(shape), name)
+    assert any(select(qt, dt, torch.device("cpu")) for dt in DTYPES), f"{name} has no fast path"
+
+
+def _supported():
+    """(kernel, scheme, shape, dtype) for every combination some kernel takes."""
+    out = []
+    for name, shape in CASES:
+        qt = quantize_tensor(torch.zeros(shape), name)
+        out += [pytest.param(k, name, shape, dt, id=f"{k.name}-{name}-{shape[0]}x{shape[1]}-{str(dt)[6:]}")
+                for k in KERNELS for dt in DTYPES if k.supports(qt, dt, torch.device("cpu"))]
+    return out
+
+
+def test_native_kernels_build_where_the_cpu_has_avx512_bf16():
+    # CI runs on such a machine: a broken build must fail here, not silently fall back
+    if not set(native.CPU_FLAGS) <= native._cpu_flags() or os.environ.get("LOWBIT_NATIVE_KERNELS") == "0":
+        pytest.skip("CPU lacks AVX512-BF16 (or LOWBIT_NATIVE_KERNELS=0): lowbit's own kernels are not built here")
+    assert NATIVE
+
+
+@pytest.mark.parametrize("kernel,name,shape,dtype", _supported())
+def test_kernel_matches_reference(kernel, name, shape, dtype):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
     qt = quantize_tensor(w, name)
-    kernel = select(qt, dtype, torch.device("cpu"))
-    assert kernel is not None, f"{name} has no fast path"
     st = kernel.prepare(qt, dtype)
-    for m in (1, 7, 32):
+    for m in (1, 2, 7, 17, 40):  # lowbit-int4: GEMV up to 16 rows, dequantized blocks + bf16 GEMM beyond
         x = torch.randn(m, shape[1])
         ref = x.double() @ qt.dequantize().double().t()
         y = kernel.run(x.to(dtype), st).double()
@@ -58,7 +90,7 @@ def test_quantlinear_dispatch_and_bias():
     qt = quantize_tensor(torch.randn(192, 576), "int4-g64-asym")
     bias = torch.randn(192)
     m = QuantLinear(qt, bias)
-    assert m.kernel_name == "int4pack"
+    assert m.kernel_name == ("lowbit-int4" if NATIVE else "int4pack")
     x = torch.randn(2, 5, 576)
     torch.testing.assert_close(m(x), m.forward_reference(x))  # fp32: the reference path itself
     yb = m(x.bfloat16()).double()

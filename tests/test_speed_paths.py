@@ -9,6 +9,7 @@ import torch
 
 from lowbit.api import make_recipe
 from lowbit.bench import generate, gemv_bench
+from lowbit.kernels import native
 from lowbit.pipeline import quantize_model
 from lowbit.runtime import QuantLinear
 from lowbit.scheme import Scheme
@@ -22,7 +23,7 @@ def test_kernel_model_agrees_with_reference_model(embedded, wiki_windows):
     assert not q.config.tie_word_embeddings  # the head is its own int8 tensor now
     fast = q.to(torch.bfloat16)
     kinds = {m.kernel_name for m in fast.modules() if isinstance(m, QuantLinear)}
-    assert kinds == {"int4pack", "int8pack"}
+    assert kinds == ({"lowbit-int4", "lowbit-int8"} if native.available() else {"int4pack", "int8pack"})
     ids = wiki_windows[1][:1, :128]
     with torch.no_grad():
         lp_fast = torch.log_softmax(fast(ids).logits.float(), -1)
@@ -67,3 +68,53 @@ def test_bench_and_generate_cli():
     r = subprocess.run([sys.executable, "-m", "lowbit", "generate", "smollm2-135m", "--prompt", "Paris is", "--max-new-tokens", "4"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("Paris is") and "tok/s" in r.stderr
+
+
+def test_lowbit_attention_matches_eager_with_gqa_and_masks():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from lowbit.attention import lowbit_attention
+
+    torch.manual_seed(0)
+    b, h, kvh, q, kv, d = 2, 6, 2, 3, 10, 16
+    query, key, value = torch.randn(b, h, q, d), torch.randn(b, kvh, kv, d), torch.randn(b, kvh, kv, d)
+    visible = torch.ones(b, 1, q, kv, dtype=torch.bool)
+    visible[..., 7:] = False                          # unused static-cache slots
+    visible[1, :, :, :2] = False                      # left padding in one sequence
+    visible[:, :, 0, 6] = False                       # causal: the first query sees one fewer
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = h // kvh, False
+    additive = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    for dt in (torch.float32, torch.bfloat16):
+        ref, _ = eager_attention_forward(module, query.to(dt), key.to(dt), value.to(dt), additive.to(dt), 0.25)
+        out, _ = lowbit_attention(module, query.to(dt), key.to(dt), value.to(dt), visible, 0.25)
+        assert out.dtype == dt and out.shape == (b, q, h, d)
+        torch.testing.assert_close(out.float(), ref.float(), **({} if dt == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}))
+
+
+def test_static_cache_generation_with_lowbit_attention(embedded):
+    from lowbit.attention import register
+
+    base, tok = embedded
+    m = copy.deepcopy(base)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    m.set_attn_implementation(register())
+    g = generate(m, ids, 8)
+    m.set_attn_implementation("eager")
+    with torch.no_grad():
+        logits = m(torch.cat([ids, g["tokens"]], 1)).logits
+    assert torch.equal(logits[:, ids.shape[1] - 1 : -1].argmax(-1), g["tokens"])
+
+
+def test_lowbit_attention_without_mask_is_causal():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from lowbit.attention import lowbit_attention
+
+    torch.manual_seed(1)
+    query, key, value = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 2, False
+    causal = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))[None, None]
+    ref, _ = eager_attention_forward(module, query, key, value, causal, 0.3)
+    torch.testing.assert_close(lowbit_attention(module, query, key, value, None, 0.3)[0], ref)

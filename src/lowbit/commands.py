@@ -364,11 +364,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .attention import register as register_attention
     from .bench import generate
 
     dtype = getattr(torch, args.dtype)
     model, tok = load(args.model, dtype)
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(register_attention())
     ids = tok(args.prompt, return_tensors="pt").input_ids
     g = generate(model, ids, args.max_new_tokens, time_linears=True)
     print(args.prompt + tok.decode(g["tokens"][0]))

@@ -99,15 +99,23 @@ class QuantLinear(nn.Module):
         return QuantizedTensor(self.codes, scale, zp, (self.out_features, self.in_features), self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if not self.plain:
+        # decode calls this ~200 times per token: the last (dtype, device) -> kernel is kept at hand
+        fast = self.__dict__.get("_fast")
+        if fast is None or fast[0] != (x.dtype, x.device):
+            fast = self._pick(x.dtype, x.device)
+        if fast[1] is None or self.policy != "auto":
             return self.forward_reference(x)
-        if self.policy == "auto" and x.dtype in (torch.bfloat16, torch.float16):
-            kernel, state = self._kernel_state(x.dtype, x.device)
-            if kernel is not None:
-                y = kernel.run(x, state)
-                return y + bias if bias is not None else y
-        return self.forward_reference(x)
+        y = fast[1].run(x, fast[2])
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def _pick(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """((dtype, device), kernel or None, its state): packed kernels serve plain weight-only
+        layers with bf16/fp16 activations; fp32 (quality measurement) stays on the reference."""
+        kernel = state = None
+        if self.plain and dtype in (torch.bfloat16, torch.float16):
+            kernel, state = self._kernel_state(dtype, device)
+        self.__dict__["_fast"] = fast = ((dtype, device), kernel, state)
+        return fast
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize the whole weight, then multiply: the numerics every kernel is held to."""

@@ -99,15 +99,8 @@ def _int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     return torch._weight_int8pack_mm(x2, st["w"], st["scale"]).reshape(*x.shape[:-1], st["n"])
 
 
-KERNELS = (
+TORCH_KERNELS = (
     Kernel("int4pack", _int4_supports, _int4_prepare, _int4_run),
     Kernel("int8pack", _int8_supports, _int8_prepare, _int8_run),
 )
-
-
-def select(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device, allowed: tuple[str, ...] | None = None) -> Kernel | None:
-    for k in KERNELS:
-        if (allowed is None or k.name in allowed) and k.supports(qt, dtype, device):
-            return k
-    return None
 

@@ -1,0 +1,331 @@
+// lowbit's own CPU kernels (AVX-512 + AVX512-BF16): weight-only GEMV / small GEMM that
+// unpack codes in registers, next to the multiply, and never write a float weight.
+//
+// int4 layout (made by kernels/native.py): rows in tiles of 4, each tile one contiguous
+// run of 4 * k/2 bytes, so a thread streams through memory in order (four separate
+// short row streams starve the hardware prefetcher). Inside a tile, per 128-column
+// chunk, each row has 64 bytes = 32 words, word l holding columns l, l+32, l+64, l+96
+// in its four nibbles; a trailing 64-column chunk (k % 128 == 64) has 32 bytes per row,
+// byte j holding columns j and j+32. A nibble q OR-ed into 0x4300 is the bf16 number
+// 128 + q exactly, so one logic op turns 32 codes into bf16 and vdpbf16ps multiplies
+// them with bf16 activations into fp32. Per group: acc += scale * sum((128 + q) * x);
+// per row: y = sum(acc) + sum_g zero_term_g * sum_{k in g} x_k, where the zero term
+// holds -scale * zero_point (integer zero points, or a symmetric grid's centre) or the
+// float offset (w = scale * q + offset), minus the 128 * scale the bf16 trick added.
+//
+// int8 layout: int8 [n, k] and one fp32 scale per row; fp32 FMA on sign-extended codes.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int MAX_M = 2;  // activation rows sharing one pass over the weights
+constexpr int TILE = 4;   // weight rows interleaved in the int4 layout
+
+enum ZeroMode { ZERO_CONST = 0, ZERO_INT = 1, ZERO_FLOAT = 2 };
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// 32 bf16 activations (unaligned load)
+inline __m512bh ldx(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// sum of x over each group, fp32: the zero-point term multiplies it.
+void group_sums(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, float* sx) {
+  const int64_t G = k / g;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < G; ++j) {
+      float s = 0.f;
+      const at::BFloat16* p = x + i * k + j * g;
+      for (int64_t c = 0; c < g; ++c) s += static_cast<float>(p[c]);
+      sx[i * G + j] = s;
+    }
+}
+
+#define LB_INLINE inline __attribute__((always_inline))
+
+// 16 scales (or float offsets) from fp16 / fp32 storage, lanes past `cnt` zero.
+LB_INLINE __m512 load16(const at::Half* p, int64_t cnt) {
+  const __mmask16 m = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+LB_INLINE __m512 load16(const float* p, int64_t cnt) {
+  const __mmask16 m = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
+  return _mm512_maskz_loadu_ps(m, p);
+}
+
+// One row's scales as fp32 (sbuf) and its zero terms (zbuf), 16 groups at a time, and the
+// row's zero-term contribution sum_g zbuf[g] * sx[i][g] for each activation row i.
+template <int M, typename S, int ZMODE>
+LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_t r, int64_t G, const float* sx,
+                            float* sbuf, float* zbuf, float* zdot) {
+  __m512 zd[M];
+  for (int i = 0; i < M; ++i) zd[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < G; j += 16) {
+    const int64_t cnt = G - j;
+    const __mmask16 m = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
+    const __m512 sv = load16(scale + r * G + j, cnt);
+    __m512 z;  // zero term (see the top of the file), minus the 128 * scale of the bf16 trick
+    if (ZMODE == ZERO_CONST) {
+      z = _mm512_mul_ps(sv, _mm512_set1_ps(-(zconst + 128.f)));
+    } else if (ZMODE == ZERO_INT) {
+      const __m128i zq = _mm_maskz_loadu_epi8(m, static_cast<const uint8_t*>(zp) + r * G + j);
+      const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zq));
+      z = _mm512_mul_ps(sv, _mm512_sub_ps(_mm512_set1_ps(-128.f), zf));
+    } else {
+      z = _mm512_fnmadd_ps(sv, _mm512_set1_ps(128.f), load16(static_cast<const S*>(zp) + r * G + j, cnt));
+    }
+    _mm512_mask_storeu_ps(sbuf + j, m, sv);
+    _mm512_mask_storeu_ps(zbuf + j, m, z);
+    for (int i = 0; i < M; ++i) zd[i] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(m, sx + i * G + j), zd[i]);
+  }
+  for (int i = 0; i < M; ++i) zdot[i] = hsum(zd[i]);
+}
+
+// (v & 0xF) | 0x4300 per 16-bit lane: bf16 (128 + nibble).
+LB_INLINE __m512bh nibbles(__m512i v, __m512i low4, __m512i magic) {
+  return (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
+}
+
+// Sub-chunk s (32 columns) of a 128-column chunk held in wv, as bf16 (128 + q).
+LB_INLINE __m512bh sub_chunk(__m512i wv, int s, __m512i low4, __m512i magic) {
+  switch (s) {
+    case 0: return nibbles(wv, low4, magic);
+    case 1: return nibbles(_mm512_srli_epi16(wv, 4), low4, magic);
+    case 2: return nibbles(_mm512_srli_epi16(wv, 8), low4, magic);
+    default: return (__m512bh)_mm512_or_si512(_mm512_srli_epi16(wv, 12), magic);
+  }
+}
+
+// Accumulator state of one tile: CH dot-product chains per (weight row, activation row),
+// enough vdpbf16ps in flight to hide its latency; at each group end they are scaled into acc.
+template <int M>
+struct TileAcc {
+  static constexpr int CH = M == 1 ? 2 : 1;
+  __m512 acc[TILE][M], e[TILE][M][CH];
+  int64_t left, j = 0;  // sub-chunks left in group j
+
+  LB_INLINE void zero() {
+    for (int rr = 0; rr < TILE; ++rr)
+      for (int i = 0; i < M; ++i) {
+        acc[rr][i] = _mm512_setzero_ps();
+        for (int h = 0; h < CH; ++h) e[rr][i][h] = _mm512_setzero_ps();
+      }
+  }
+  // sub-chunk s of every row of the tile, against 32 columns of each activation row at x + col
+  LB_INLINE void dot(const __m512i* wv, int s, const at::BFloat16* x, int64_t k, int64_t col, __m512i low4,
+                     __m512i magic) {
+    __m512bh xs[M];
+    for (int i = 0; i < M; ++i) xs[i] = ldx(x + i * k + col);
+    for (int rr = 0; rr < TILE; ++rr) {
+      const __m512bh v = sub_chunk(wv[rr], s, low4, magic);
+      for (int i = 0; i < M; ++i) e[rr][i][s % CH] = _mm512_dpbf16_ps(e[rr][i][s % CH], v, xs[i]);
+    }
+  }
+  LB_INLINE void step(const float* sbuf, int64_t G, int64_t subs_per_group) {
+    if (--left) return;
+    for (int rr = 0; rr < TILE; ++rr) {
+      const __m512 sv = _mm512_set1_ps(sbuf[rr * G + j]);
+      for (int i = 0; i < M; ++i) {
+        __m512 t = e[rr][i][0];
+        for (int h = 1; h < CH; ++h) t = _mm512_add_ps(t, e[rr][i][h]);
+        acc[rr][i] = _mm512_fmadd_ps(t, sv, acc[rr][i]);
+        for (int h = 0; h < CH; ++h) e[rr][i][h] = _mm512_setzero_ps();
+      }
+    }
+    ++j;
+    left = subs_per_group;
+  }
+};
+
+// One tile (TILE weight rows) against M activation rows.
+template <int M, typename S, int ZMODE>
+void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst, const at::BFloat16* x,
+               const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t r, float* sbuf,
+               float* zbuf) {
+  const int64_t G = k / g, nc = k / 128, spg = g / 32;
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  float zdot[TILE][M];
+  for (int rr = 0; rr < TILE; ++rr)
+    row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, zbuf + rr * G, zdot[rr]);
+  TileAcc<M> t;
+  t.zero();
+  t.left = spg;
+  for (int64_t c = 0; c < nc; ++c) {
+    __m512i wv[TILE];
+    for (int rr = 0; rr < TILE; ++rr) wv[rr] = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
+    t.dot(wv, 0, x, k, 128 * c, low4, magic);
+    t.step(sbuf, G, spg);
+    t.dot(wv, 1, x, k, 128 * c + 32, low4, magic);
+    t.step(sbuf, G, spg);
+    t.dot(wv, 2, x, k, 128 * c + 64, low4, magic);
+    t.step(sbuf, G, spg);
+    t.dot(wv, 3, x, k, 128 * c + 96, low4, magic);
+    t.step(sbuf, G, spg);
+  }
+  if (k % 128) {  // trailing 64 columns: bytes widened to words give sub-chunks 0 and 1
+    __m512i wv[TILE];
+    for (int rr = 0; rr < TILE; ++rr)
+      wv[rr] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + nc * TILE * 64 + rr * 32)));
+    t.dot(wv, 0, x, k, 128 * nc, low4, magic);
+    t.step(sbuf, G, spg);
+    t.dot(wv, 1, x, k, 128 * nc + 32, low4, magic);
+    t.step(sbuf, G, spg);
+  }
+  for (int rr = 0; rr < TILE && r + rr < n; ++rr)
+    for (int i = 0; i < M; ++i) y[i * n + r + rr] = at::BFloat16(hsum(t.acc[rr][i]) + zdot[rr][i]);
+}
+
+template <typename S, int ZMODE>
+void int4_tiles(int64_t m, const uint8_t* codes, const S* scale, const void* zp, float zconst,
+                const at::BFloat16* x, const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g,
+                int64_t t0, int64_t t1) {
+  const int64_t G = k / g;
+  std::vector<float> sbuf(TILE * G), zbuf(TILE * G);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = codes + t * TILE * (k / 2);
+    for (int64_t i0 = 0; i0 < m; i0 += MAX_M) {  // activation rows in pairs: each pair rereads the tile from L1/L2
+      const at::BFloat16* xb = x + i0 * k;
+      const float* sxb = sx + i0 * G;
+      at::BFloat16* yb = y + i0 * n;
+      if (m - i0 >= 2)
+        int4_tile<2, S, ZMODE>(tile, scale, zp, zconst, xb, sxb, yb, n, k, g, t * TILE, sbuf.data(), zbuf.data());
+      else
+        int4_tile<1, S, ZMODE>(tile, scale, zp, zconst, xb, sxb, yb, n, k, g, t * TILE, sbuf.data(), zbuf.data());
+    }
+  }
+}
+
+// Rows [t0*TILE, t1*TILE) of W as bf16 (for prefill: dequantize a block that stays in
+// cache, then a bf16 GEMM; at batch 1 the GEMV above never materializes W).
+template <typename S, int ZMODE>
+void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, float zconst, int64_t k, int64_t g,
+                        int64_t t0, int64_t t1, at::BFloat16* out) {
+  const int64_t G = k / g, nc = k / 128;
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  std::vector<float> sbuf(G), zbuf(G), zeros(G);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = codes + t * TILE * (k / 2);
+    for (int rr = 0; rr < TILE; ++rr) {
+      const int64_t r = t * TILE + rr;
+      float zdot;
+      row_prologue<1, S, ZMODE>(scale, zp, zconst, r, G, zeros.data(), sbuf.data(), zbuf.data(), &zdot);
+      at::BFloat16* o = out + (r - t0 * TILE) * k;
+      auto emit = [&](__m512bh v, int64_t col) {  // w = scale * (128 + q) + zero_term, 32 columns
+        const __m512 s = _mm512_set1_ps(sbuf[col / g]), z = _mm512_set1_ps(zbuf[col / g]);
+        const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256((__m512i)v));
+        const __m512 hi = _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64((__m512i)v, 1));
+        const __m512bh w = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, z), _mm512_fmadd_ps(lo, s, z));
+        _mm512_storeu_si512(o + col, (__m512i)w);
+      };
+      for (int64_t c = 0; c < nc; ++c) {
+        const __m512i wv = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
+        for (int sc = 0; sc < 4; ++sc) emit(sub_chunk(wv, sc, low4, magic), 128 * c + 32 * sc);
+      }
+      if (k % 128) {
+        const __m512i wv = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + nc * TILE * 64 + rr * 32)));
+        for (int sc = 0; sc < 2; ++sc) emit(sub_chunk(wv, sc, low4, magic), 128 * nc + 32 * sc);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ W^T, W from 4-bit codes in tiles; zero_mode selects the zero term.
+torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                      int64_t n, int64_t group_size, int64_t zero_mode, double zero_const) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
+  const int64_t m = x.size(0), k = x.size(1), n_tiles = (n + TILE - 1) / TILE;
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == n_tiles * TILE * k / 2,
+              "codes: contiguous uint8, ceil(n/4)*4 rows of k/2 bytes");
+  TORCH_CHECK(k % 64 == 0 && k % group_size == 0 && group_size % 32 == 0, "k must be a multiple of 64 and of the group size (a multiple of 32)");
+  const int64_t G = k / group_size;
+  TORCH_CHECK(scale.is_contiguous() && scale.numel() == n_tiles * TILE * G, "scale: contiguous [ceil(n/4)*4, k/group_size]");
+  TORCH_CHECK(scale.dtype() == torch::kHalf || scale.dtype() == torch::kFloat, "scale: fp16 or fp32");
+  TORCH_CHECK(zero_mode == ZERO_CONST || zero.numel() == scale.numel(), "zero: one per scale");
+  auto y = torch::empty({m, n}, x.options());
+  std::vector<float> sx(m * G);
+  group_sums(x.data_ptr<at::BFloat16>(), m, k, group_size, sx.data());
+  const void* zp = zero_mode == ZERO_CONST ? nullptr : zero.data_ptr();
+  const float zc = static_cast<float>(zero_const);
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const auto* cp = codes.data_ptr<uint8_t>();
+  const bool half = scale.dtype() == torch::kHalf;
+  at::parallel_for(0, n_tiles, 4, [&](int64_t t0, int64_t t1) {
+#define LB_RUN(S, Z) int4_tiles<S, Z>(m, cp, scale.data_ptr<S>(), zp, zc, xp, sx.data(), yp, n, k, group_size, t0, t1)
+    if (zero_mode == ZERO_CONST) { if (half) LB_RUN(at::Half, ZERO_CONST); else LB_RUN(float, ZERO_CONST); }
+    else if (zero_mode == ZERO_INT) { if (half) LB_RUN(at::Half, ZERO_INT); else LB_RUN(float, ZERO_INT); }
+    else { if (half) LB_RUN(at::Half, ZERO_FLOAT); else LB_RUN(float, ZERO_FLOAT); }
+#undef LB_RUN
+  });
+  return y;
+}
+
+// W[row0:row1] as bf16 (row0, row1 multiples of 4, within the padded rows).
+torch::Tensor int4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t k, int64_t group_size,
+                           int64_t zero_mode, double zero_const, int64_t row0, int64_t row1) {
+  TORCH_CHECK(row0 % TILE == 0 && row1 % TILE == 0 && row0 <= row1 && row1 * (k / 2) <= codes.numel(), "rows: tile-aligned range");
+  TORCH_CHECK(k % 64 == 0 && k % group_size == 0 && group_size % 32 == 0, "bad k / group size");
+  auto out = torch::empty({row1 - row0, k}, torch::dtype(torch::kBFloat16));
+  const void* zp = zero_mode == ZERO_CONST ? nullptr : zero.data_ptr();
+  const float zc = static_cast<float>(zero_const);
+  const bool half = scale.dtype() == torch::kHalf;
+  const auto* cp = codes.data_ptr<uint8_t>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  const int64_t tile0 = row0 / TILE;
+  at::parallel_for(tile0, row1 / TILE, 4, [&](int64_t t0, int64_t t1) {
+    at::BFloat16* o = op + (t0 - tile0) * TILE * k;
+#define LB_RUN(S, Z) int4_dequant_tiles<S, Z>(cp, scale.data_ptr<S>(), zp, zc, k, group_size, t0, t1, o)
+    if (zero_mode == ZERO_CONST) { if (half) LB_RUN(at::Half, ZERO_CONST); else LB_RUN(float, ZERO_CONST); }
+    else if (zero_mode == ZERO_INT) { if (half) LB_RUN(at::Half, ZERO_INT); else LB_RUN(float, ZERO_INT); }
+    else { if (half) LB_RUN(at::Half, ZERO_FLOAT); else LB_RUN(float, ZERO_FLOAT); }
+#undef LB_RUN
+  });
+  return out;
+}
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ (scale[n] * W[n, k] (int8))^T, fp32 accumulation.
+// Rows in order (one memory stream per thread); four chains over k per row hide FMA latency.
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && scale.dtype() == torch::kFloat, "w int8, scale fp32");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(w.size(1) == k && k % 64 == 0, "k must be a multiple of 64 and match w");
+  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
+  auto y = torch::empty({m, n}, x.options());
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* wr = wp + r * k;
+      for (int64_t i = 0; i < m; ++i) {  // m > 1 rereads the row from L1
+        const float* xi = xp + i * k;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < k; c += 64) {
+          auto wv = [&](int o) {
+            return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + c + o))));
+          };
+          a0 = _mm512_fmadd_ps(wv(0), _mm512_loadu_ps(xi + c), a0);
+          a1 = _mm512_fmadd_ps(wv(16), _mm512_loadu_ps(xi + c + 16), a1);
+          a2 = _mm512_fmadd_ps(wv(32), _mm512_loadu_ps(xi + c + 32), a2);
+          a3 = _mm512_fmadd_ps(wv(48), _mm512_loadu_ps(xi + c + 48), a3);
+        }
+        yp[i * n + r] = at::BFloat16(hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) * sp[r]);
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations");
+  m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
+  m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations");
+}
