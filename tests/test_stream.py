@@ -250,6 +250,19 @@ def test_hostile_checkpoints(tiny, tmp_path, damage):
     _assert_refused(r, tmp_path / "o", *words)
 
 
+def test_tokenizer_that_outgrows_the_embedding(embedded, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = embedded
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    d = tmp_path / "small-vocab"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    tok.save_pretrained(d)  # 49152 ids against 1000 embedding rows
+    r = _cli("quantize", str(d), "--method", "gptq", "--samples", "2", "--seq-len", "32", "--out", str(tmp_path / "o"))
+    _assert_refused(r, tmp_path / "o", "1000 rows", "do not belong together")
+
+
 def test_truncated_gguf(tmp_path):
     from lowbit.models.load import embedded_gguf
 
