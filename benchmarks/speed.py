@@ -1,9 +1,10 @@
 """Speed in one run: quantized vs float, kernels vs the measured memory roof.
 
 1. STREAM-like copy bandwidth (the roof), 2 threads.
-2. Embedded SmolLM2-135M: decode tokens/s at batch 1 (static KV cache) and
-   prefill tokens/s (prompts of 32 and 128 tokens) for fp32, bf16, fp16 and the
-   quantized variants (bf16 activations, packed kernels, lm_head int8).
+2. Embedded SmolLM2-135M: decode tokens/s at batch 1 (static KV cache) through
+   lowbit's decode loop and through transformers' forward, and prefill tokens/s
+   (prompts of 32 and 128 tokens) for fp32, bf16, fp16 and the quantized variants
+   (bf16 activations, packed kernels, lm_head int8).
 3. A Llama-7B-shaped layer stack (4096x4096 and 11008x4096): GEMV at batch 1
    over cache-cold weights for every path, including the naive
    dequantize-then-multiply one; and GEMM at 32 and 128 rows (prefill), where

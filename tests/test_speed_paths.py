@@ -42,7 +42,7 @@ def test_static_cache_generation_matches_full_forward(embedded):
     m = copy.deepcopy(base)
     m.set_attn_implementation("eager")
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    g = generate(m, ids, 8)
+    g = generate(m, ids, 8, engine="transformers")
     full = torch.cat([ids, g["tokens"]], 1)
     with torch.no_grad():
         logits = m(full).logits
@@ -99,7 +99,7 @@ def test_static_cache_generation_with_lowbit_attention(embedded):
     m = copy.deepcopy(base)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     m.set_attn_implementation(register())
-    g = generate(m, ids, 8)
+    g = generate(m, ids, 8, engine="transformers")
     m.set_attn_implementation("eager")
     with torch.no_grad():
         logits = m(torch.cat([ids, g["tokens"]], 1)).logits

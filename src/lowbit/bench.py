@@ -124,32 +124,63 @@ class LinearTimer:
             h.remove()
 
 
-@torch.no_grad()
-def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, time_linears: bool = False) -> dict:
-    """Greedy decode with a static KV cache. Returns tokens and timings."""
-    from transformers import StaticCache
+ENGINES = ("auto", "lowbit", "transformers")
 
+
+def decode_engine(model: nn.Module, engine: str = "auto") -> str:
+    """'lowbit' (decode.py's loop) where the architecture allows it, else 'transformers'."""
+    from .decode import unsupported_reason
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; one of {ENGINES}")
+    if engine == "auto":
+        return "transformers" if unsupported_reason(model) else "lowbit"
+    return engine
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, engine: str = "auto",
+             time_linears: bool = False) -> dict:
+    """Greedy decode with a static KV cache, through lowbit's decode loop or transformers'
+    forward (`engine`). Returns tokens and timings."""
     prompt_len = input_ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+    engine = decode_engine(model, engine)
+    if engine == "lowbit":
+        from .decode import Decoder
+
+        decoder = Decoder(model, prompt_len + max_new_tokens, hooks=time_linears)
+
+        def step(ids, pos):
+            return decoder.forward(ids).argmax().view(1, 1)
+    else:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+
+        def step(ids, pos):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                        cache_position=torch.arange(pos, pos + ids.shape[1]))
+            return out.logits[:, -1:].argmax(-1)
     timer = LinearTimer(model) if time_linears else None
-    t0 = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt_len))
-    nxt = out.logits[:, -1:].argmax(-1)
-    t_prefill = time.perf_counter() - t0
-    lin_prefill = timer.seconds if timer else 0.0
-    tokens = [nxt]
-    t1 = time.perf_counter()
-    for pos in range(prompt_len, prompt_len + max_new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]))
-        nxt = out.logits[:, -1:].argmax(-1)
-        tokens.append(nxt)
-    t_decode = time.perf_counter() - t1
-    res = {"tokens": torch.cat(tokens, 1), "prefill_seconds": t_prefill, "decode_seconds": t_decode,
+    try:
+        t0 = time.perf_counter()
+        nxt = step(input_ids, 0)
+        t_prefill = time.perf_counter() - t0
+        lin_prefill = timer.seconds if timer else 0.0
+        tokens = [nxt]
+        t1 = time.perf_counter()
+        for pos in range(prompt_len, prompt_len + max_new_tokens - 1):
+            nxt = step(nxt, pos)
+            tokens.append(nxt)
+        t_decode = time.perf_counter() - t1
+    finally:
+        if timer:
+            timer.close()
+    res = {"tokens": torch.cat(tokens, 1), "engine": engine, "prefill_seconds": t_prefill, "decode_seconds": t_decode,
            "decode_tokens": max_new_tokens - 1,
            "decode_tokens_per_s": (max_new_tokens - 1) / t_decode if max_new_tokens > 1 else None}
     if timer:
         res["decode_linear_seconds"] = timer.seconds - lin_prefill
-        timer.close()
     return res
 
 
@@ -200,6 +231,8 @@ def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64,
                prompt: str = "The history of the city begins", rounds: int = 3) -> dict[str, dict]:
     """Decode tokens/s (batch 1, static cache) and prefill tokens/s per prompt length.
 
+    Decode is timed through lowbit's decode loop where the architecture allows it (the
+    headline figure) and through transformers' forward (always, `*_transformers`).
     Variants are timed round-robin, `rounds` times, and each reports its median: a
     neighbour's burst on a shared machine then hits every variant alike, not one of them.
     """
@@ -208,27 +241,36 @@ def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64,
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     prompts = {n: torch.randint(0, next(iter(models.values())).config.vocab_size, (1, n),
                                 generator=torch.Generator().manual_seed(n)) for n in prompt_lens}
-    timed = {name: generate(m, ids, new_tokens, time_linears=True) for name, m in models.items()}  # also warms up
-    decode = {name: [] for name in models}
+    engines = {name: sorted({decode_engine(m), "transformers"}) for name, m in models.items()}
+    # one pass with Linear timers per engine (also the warm-up); the timed rounds run without hooks
+    timed = {(name, e): generate(m, ids, new_tokens, engine=e, time_linears=True)
+             for name, m in models.items() for e in engines[name]}
+    decode = {key: [] for key in timed}
     prefill = {name: {n: [] for n in prompt_lens} for name in models}
     last = {}
     for _ in range(rounds):
         for name, m in models.items():
-            last[name] = generate(m, ids, new_tokens)  # no hooks: they cost something
-            decode[name].append(last[name]["decode_tokens_per_s"])
+            for e in engines[name]:
+                last[name, e] = generate(m, ids, new_tokens, engine=e)
+                decode[name, e].append(last[name, e]["decode_tokens_per_s"])
             for n, p in prompts.items():
                 prefill[name][n].append(prefill_tokens_per_s(m, p, repeat=1))
     out = {}
-    for name in models:
-        g, by_len = timed[name], {str(n): statistics.median(v) for n, v in prefill[name].items()}
-        tps = statistics.median(decode[name])
+    for name, m in models.items():
+        e = decode_engine(m)
+        by_len = {str(n): statistics.median(v) for n, v in prefill[name].items()}
+        tps = statistics.median(decode[name, e])
+        linear_fraction = {k: g["decode_linear_seconds"] / g["decode_seconds"] for k, g in timed.items()}
         out[name] = {
             "decode_tokens_per_s": tps,
             "decode_ms_per_token": 1e3 / tps,
-            "decode_linear_fraction": g["decode_linear_seconds"] / g["decode_seconds"],
+            "decode_engine": e,
+            "decode_linear_fraction": linear_fraction[name, e],
+            "decode_tokens_per_s_transformers": statistics.median(decode[name, "transformers"]),
+            "decode_linear_fraction_transformers": linear_fraction[name, "transformers"],
             "prefill_tokens_per_s": by_len[str(max(prompt_lens))],  # at the longest prompt
             "prefill_tokens_per_s_by_len": by_len,
-            "text": tokenizer.decode(last[name]["tokens"][0][:24]),
+            "text": tokenizer.decode(last[name, e]["tokens"][0][:24]),
         }
     return out
 
@@ -237,11 +279,15 @@ def format_speed(res: dict) -> str:
     v = res["variants"]
     base = v.get("fp32", next(iter(v.values())))["decode_tokens_per_s"]
     lens = list(next(iter(v.values()))["prefill_tokens_per_s_by_len"])
+    base_tf = v.get("fp32", next(iter(v.values())))["decode_tokens_per_s_transformers"]
     lines = [f"copy bandwidth roof: {res['roof_gb_per_s']:.1f} GB/s ({res['threads']} threads)", "",
-             f"{'variant':28s} {'decode tok/s':>12s} {'vs fp32':>8s} {'linears':>8s} " + " ".join(f"{'prefill ' + n:>13s}" for n in lens)]
+             f"{'variant':28s} {'engine':>12s} {'decode tok/s':>12s} {'vs fp32':>8s} {'linears':>8s} "
+             f"{'transformers':>12s} {'vs fp32':>8s} " + " ".join(f"{'prefill ' + n:>13s}" for n in lens)]
     for name, r in v.items():
-        lines.append(f"{name:28s} {r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base:7.2f}x "
-                     f"{100 * r['decode_linear_fraction']:7.0f}% " + " ".join(f"{r['prefill_tokens_per_s_by_len'][n]:13.0f}" for n in lens))
+        tf = r["decode_tokens_per_s_transformers"]
+        lines.append(f"{name:28s} {r['decode_engine']:>12s} {r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base:7.2f}x "
+                     f"{100 * r['decode_linear_fraction']:7.0f}% {tf:12.1f} {tf / base_tf:7.2f}x "
+                     + " ".join(f"{r['prefill_tokens_per_s_by_len'][n]:13.0f}" for n in lens))
     if "gemv" in res:
         lines += ["", f"{'GEMV (batch 1)':44s} {'us':>9s} {'GB/s':>7s} {'% roof':>7s}"]
         for g in res["gemv"]:

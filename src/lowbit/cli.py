@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="activation dtype (bf16: packed kernels; fp32: reference path) (default: bfloat16)")
+    p.add_argument("--engine", default="auto", choices=["auto", "lowbit", "transformers"],
+                   help="decode loop: lowbit's (Llama/Mistral/Qwen2/Qwen3) or transformers' forward; auto picks lowbit's where it runs")
 
     p = sub.add_parser("schemes", help="list scheme presets and the name grammar")
     p.add_argument("--json", action="store_true")

@@ -371,11 +371,11 @@ def cmd_generate(args) -> int:
     model, tok = load(args.model, dtype)
     model.set_attn_implementation(register_attention())
     ids = tok(args.prompt, return_tensors="pt").input_ids
-    g = generate(model, ids, args.max_new_tokens, time_linears=True)
+    g = generate(model, ids, args.max_new_tokens, engine=args.engine, time_linears=True)
     print(args.prompt + tok.decode(g["tokens"][0]))
     if _progress(args):
         lin = g.get("decode_linear_seconds", 0.0)
-        print(f"\nprefill {ids.shape[1]} tokens: {g['prefill_seconds'] * 1e3:.0f} ms; decode {g['decode_tokens']} tokens: "
+        print(f"\n{g['engine']} decode loop; prefill {ids.shape[1]} tokens: {g['prefill_seconds'] * 1e3:.0f} ms; decode {g['decode_tokens']} tokens: "
               f"{g['decode_tokens_per_s']:.1f} tok/s ({1e3 * g['decode_seconds'] / max(g['decode_tokens'], 1):.1f} ms/token; "
               f"Linears {100 * lin / g['decode_seconds']:.0f}%, everything else {100 - 100 * lin / g['decode_seconds']:.0f}%)",
               file=sys.stderr)

@@ -1,0 +1,99 @@
+"""lowbit's decode loop (decode.py) against transformers' forward: tiny random models of
+every family it runs (GQA, q/k/v biases, q/k norms), chunked prefill, the embedded model
+quantized, and the cases it must refuse."""
+import copy
+
+import pytest
+import torch
+
+from lowbit.api import make_recipe
+from lowbit.bench import decode_engine, generate
+from lowbit.decode import Decoder
+from lowbit.errors import UserError
+from lowbit.pipeline import quantize_model
+from lowbit.scheme import Scheme
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+
+
+def _tiny(family: str):
+    import transformers
+
+    cfg_cls, model_cls, extra = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0,
+                  "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    }[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**TINY, **extra)).eval()
+    for p in model.parameters():  # norms and biases away from their init so a mistake shows
+        if p.dim() == 1:
+            p.data.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_decoder_matches_transformers_forward(family):
+    model = _tiny(family)
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    if family == "qwen3":
+        assert hasattr(model.model.layers[0].self_attn, "q_norm")
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+    d = Decoder(model, 16)
+    torch.testing.assert_close(d.forward(ids), ref[-1], atol=1e-4, rtol=1e-4)
+    d.reset()  # the same positions fed as a 5-token chunk, a 4-token chunk, then one at a time
+    out = [d.forward(ids[:, :5]), d.forward(ids[:, 5:9])] + [d.forward(ids[:, i:i + 1]) for i in range(9, 12)]
+    torch.testing.assert_close(torch.stack(out), ref[[4, 8, 9, 10, 11]], atol=1e-4, rtol=1e-4)
+
+
+def test_engines_generate_the_same_tokens(embedded):
+    base, tok = embedded
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    a = generate(base, ids, 12, engine="lowbit", time_linears=True)
+    b = generate(base, ids, 12, engine="transformers")
+    assert a["engine"] == "lowbit" and torch.equal(a["tokens"], b["tokens"])
+    assert 0 < a["decode_linear_seconds"] < a["decode_seconds"]
+
+
+def test_decoder_runs_the_quantized_kernels(embedded, wiki_windows):
+    """bf16 W4 model: the decoder (fp32 rotary and KV cache) and transformers' forward
+    (bf16 throughout) are the same model up to bf16 rounding."""
+    base, _ = embedded
+    recipe = make_recipe("w4a16-g64", "rtn")
+    recipe.overrides["lm_head"] = Scheme.parse("w8a16")
+    q = quantize_model(copy.deepcopy(base), recipe, progress=False, float_dtype=torch.bfloat16).model.to(torch.bfloat16)
+    ids = wiki_windows[1][:1, :48]
+    with torch.no_grad():
+        ref = torch.log_softmax(q(ids).logits[0].float(), -1)
+    d = Decoder(q, 48)
+    out = torch.stack([torch.log_softmax(d.forward(ids[:, i:i + 1]).float(), -1) for i in range(48)])
+    kl = (ref.exp() * (ref - out)).sum(-1).mean()
+    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean()
+    assert kl < 0.01 and agree > 0.9
+
+
+def test_decoder_refusals(embedded):
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
+    assert decode_engine(gpt2) == "transformers"
+    with pytest.raises(UserError, match="model type 'gpt2'"):
+        Decoder(gpt2, 8)
+    g = generate(gpt2, torch.tensor([[1, 2, 3]]), 3)  # auto falls back to transformers' loop
+    assert g["engine"] == "transformers" and g["tokens"].shape == (1, 3)
+    base, _ = embedded
+    d = Decoder(base, 4)
+    with pytest.raises(UserError, match="holds 4 positions"):
+        d.forward(torch.tensor([[1, 2, 3, 4, 5]]))
+    with pytest.raises(UserError, match="batch 1"):
+        d.forward(torch.tensor([[1, 2], [3, 4]]))
+    mistral = _tiny("mistral")
+    mistral.config.sliding_window = 8
+    with pytest.raises(UserError, match="sliding window"):
+        Decoder(mistral, 16)
