@@ -26,9 +26,10 @@ def test_1b_checkpoint_streams_in_bounded_memory(tmp_path):
     rtn = bench.run(["quantize", str(d), "--method", "rtn", "--scheme", "w4a16-g128", "--out", str(tmp_path / "rtn")])
     # one block in float32 plus the process, far below the 2.2 GB checkpoint held whole in float32 (4.4 GB)
     assert rtn["peak_rss_gb"] < 0.5 * 2 * stored / 1e9
-    # the pre-flight's 20% target is judged on the 8B benchmark; at 1B RTN it under-predicts
-    # by about a third (measured 1.42 GB vs 0.97): held to within 50% here against regressions
-    assert abs(rtn["predicted_peak_gb"] / rtn["peak_rss_gb"] - 1) < 0.5
+    # three runs of this shape measured 0.89-0.99 GB against predictions within 3%; held to
+    # 20% (the target) on memory and 35% on time (seconds of machine measurement vary)
+    assert abs(rtn["predicted_peak_gb"] / rtn["peak_rss_gb"] - 1) < 0.2
+    assert abs(rtn["predicted_seconds"] / rtn["seconds"] - 1) < 0.35
     gptq = bench.run(["quantize", str(bench.first_blocks(d, 2)), "--method", "gptq", "--scheme", "w4a16-g128",
                       "--samples", "4", "--seq-len", "256", "--batch-size", "2", "--out", str(tmp_path / "gptq")])
     assert abs(gptq["predicted_peak_gb"] / gptq["peak_rss_gb"] - 1) < 0.5

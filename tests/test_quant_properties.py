@@ -255,3 +255,22 @@ def test_importance_weighted_mse_minimises_the_weighted_error(seed, asym):
         return float(((q - xg) ** 2 * group_view(imp.reshape(1, -1), s)).sum())
 
     assert werr(*choose_qparams(x, s, imp)) <= werr(*choose_qparams(x, s)) + 1e-6
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "int4-g32-asym-mse", "int3-channel-asym", "nf4-g64", "fp8-channel", "fp4-g32",
+                                  "int8-tensor", "int4-g64-asym-fzero"])
+def test_quantizing_a_slice_of_rows_at_a_time_changes_nothing(monkeypatch, name):
+    """quantize_tensor and dequantize work on row slices to bound their temporaries: the
+    codes, scales and values are those of the whole tensor at once."""
+    import lowbit.tensor as T
+
+    w = torch.randn(37, 256, generator=torch.Generator().manual_seed(0))
+    whole = quantize_tensor(w, name)
+    monkeypatch.setattr(T, "CHUNK_ELEMENTS", 5 * 256 + 7)  # slices of 5 rows, the last one short
+    assert len(T.row_chunks(whole.scheme, 37, 256)) == (1 if whole.scheme.granularity == "tensor" else 8)
+    sliced = quantize_tensor(w, name)
+    for a, b in zip(whole.tensors().values(), sliced.tensors().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(sliced.dequantize(), whole.dequantize().contiguous())
+    monkeypatch.setattr(T, "CHUNK_ELEMENTS", 1 << 22)
+    assert torch.equal(sliced.dequantize(), whole.dequantize())

@@ -22,6 +22,7 @@ import torch
 from .errors import UserError
 from .models.lazy import LazyCheckpoint, numel
 from .plan import linear_bytes
+from .tensor import CHUNK_ELEMENTS
 
 GB = 1e9
 
@@ -33,6 +34,8 @@ class Machine:
     quant_ns: dict = field(default_factory=dict)  # (ns per weight, ns per column) of GPTQ, by input width
     pipeline_ns: dict = field(default_factory=dict)  # ns per weight to read, round and unpack, by input width
     factor_s_per_n3: float = 0.0  # GPTQ's cols^3 factorisation
+    copy_ns: float = 0.0  # ns per element to copy a float tensor outside the blocks to the output
+    started_s: float = 0.0  # seconds this process has already run (imports, reading the model's layout)
 
     @classmethod
     def measure(cls, ckpt: LazyCheckpoint, scheme, quantizer: str, widths: dict[int, str]) -> "Machine":
@@ -45,7 +48,25 @@ class Machine:
         gflops = 2 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
         factor = _factor_s_per_n3() if quantizer == "gptq" else 0.0
         gptq_ns = {w: _quant_ns(scheme, w, gflops, factor) for w in widths} if quantizer == "gptq" else {}
-        return cls(gflops, _read_speed(ckpt), gptq_ns, {w: _pipeline_ns(ckpt, k, scheme) for w, k in widths.items()}, factor)
+        import psutil
+
+        return cls(gflops, _read_speed(ckpt), gptq_ns, {w: _pipeline_ns(ckpt, k, scheme) for w, k in widths.items()}, factor,
+                   _copy_ns(ckpt), time.time() - psutil.Process().create_time())
+
+
+def _copy_ns(ckpt: LazyCheckpoint) -> float:
+    """ns per element to read, check, cast and serialise a float tensor as the output's
+    float shards are written (lowbit.stream.copy_float_shard), on a 64 MB slice of the
+    largest one."""
+    key = max(ckpt.keys(), key=lambda k: ckpt.nbytes([k]))
+    rows, cols = ckpt.shapes[key][0], numel(ckpt.shapes[key][1:])
+    take = min(rows, max(1, (64 << 20) // (2 * cols)))
+    t = time.perf_counter()
+    w = ckpt.read_rows(key, 0, take)
+    if w.is_floating_point():
+        bool(torch.isfinite(w).all())
+        w.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes()
+    return (time.perf_counter() - t) / max(w.numel(), 1) * 1e9
 
 
 def _factor_s_per_n3(n: int = 2048) -> float:
@@ -161,7 +182,9 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
 
     ram = {"process now": rss, "block float32": 4 * block_numel,
            "tensor as stored": max((ck.nbytes([k]) for b in blocks for k in b), default=0),
-           "quantizer": 4 * big * 3}
+           # codes (1 byte per weight), the dequantized float32 copy, unpacked codes, and the
+           # float32 temporaries of one row slice (lowbit.tensor.CHUNK_ELEMENTS)
+           "quantizer": 6 * big + 6 * 4 * CHUNK_ELEMENTS}
     outside = [k for k in ck.keys() if not k.startswith(f"{job.prefix}.")]
     quantized_outside = [k for k in outside if k.removesuffix(".weight") in job.targets]
     # float tensors outside the blocks are copied 64 MB at a time; one the recipe quantizes is loaded whole in float32
@@ -191,8 +214,10 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
     out_bytes += float_numel * job.float_bytes
     disk = out_bytes + (2 * 4 * job.tokens * job.hidden if job.tokens else 0)
 
-    # reading the blocks is inside the per-weight pipeline cost; the rest of the checkpoint is copied
-    secs = {"read": sum(ck.nbytes([k]) for k in outside) / (machine.read_gb_s * GB),
+    # reading the blocks is inside the per-weight pipeline cost; the rest of the checkpoint is copied;
+    # the time the process has run so far (imports, pre-flight measurements) is part of the wall time
+    secs = {"start-up": machine.started_s,
+            "outside tensors": sum(ck.nbytes([k]) / _itemsize(ck, k) for k in outside) * machine.copy_ns * 1e-9,
             "write": out_bytes / (machine.read_gb_s * GB)}
     quant = 0.0
     for _, s in linears:

@@ -62,6 +62,19 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.lowbit-work"
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). Without it the
+    tens-of-MB tensors of one block, freed, stay in malloc's arenas in fragments the
+    next block cannot always reuse: the peak crept from 1.0 to 1.4 GB over a 22-block
+    RTN run, differently from run to run, and the pre-flight could not predict it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _sync():
     if dist_rank_world()[1] > 1:
         import torch.distributed as dist
@@ -233,6 +246,7 @@ def stream_quantize(source: str, recipe, out: str | os.PathLike, opts: StreamOpt
         tensors, summary = _block_tensors(block, f"{prefix}.{i}.", opts.float_dtype)
         progress.commit(i, tensors, summary, inputs.hidden() if inputs is not None else None)
         layers[i] = torch.nn.Module()  # drop the block: its bytes are on disk now
+        release_freed_memory()
 
     run_sequential(model, inside, bq, calib=calib, batch_size=opts.batch_size, progress=opts.progress,
                    desc=f"{plan.name} {recipe.scheme.name}", true_sequential=opts.gptq.true_sequential,

@@ -24,6 +24,11 @@ def packed_nbytes(numel: int, bits: int) -> int:
     return math.ceil(numel * bits / 8)
 
 
+# Packing goes through int64 words (8 bytes per code): a slice of this many codes at a
+# time keeps that temporary at 8 MB.
+PACK_CHUNK = 1 << 20
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (< 2**bits) of any shape -> flat uint8 stream of packed_nbytes bytes."""
     if not 1 <= bits <= 8:
@@ -32,13 +37,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.to(torch.uint8).clone()
     n = flat.numel()
-    pad = (-n) % 8
-    c = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).reshape(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    words = (c << shifts).sum(-1)  # 8*bits <= 56 bits: fits in int64 with no carries
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    stream = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return stream[: packed_nbytes(n, bits)].clone()
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    for a in range(0, n, PACK_CHUNK):  # PACK_CHUNK is a multiple of 8: a slice fills whole bytes
+        b = min(a + PACK_CHUNK, n)
+        c = torch.nn.functional.pad(flat[a:b].to(torch.int64), (0, (-(b - a)) % 8)).reshape(-1, 8)
+        words = (c << (torch.arange(8, dtype=torch.int64) * bits)).sum(-1)  # 8*bits <= 56 bits: no carries
+        stream = ((words.unsqueeze(-1) >> (torch.arange(bits, dtype=torch.int64) * 8)) & 0xFF).to(torch.uint8)
+        start = a * bits // 8
+        out[start:start + packed_nbytes(b - a, bits)] = stream.reshape(-1)[:packed_nbytes(b - a, bits)]
+    return out
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -49,12 +56,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
     wide = torch.int32 if bits <= 3 else torch.int64  # 8 codes = 8*bits bits per word
-    b = packed.to(wide)
-    b = torch.nn.functional.pad(b, (0, (-b.numel()) % bits)).reshape(-1, bits)
-    words = (b << (torch.arange(bits, dtype=wide) * 8)).sum(-1, dtype=wide)
-    shifts = torch.arange(8, dtype=wide) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+    out = torch.empty(numel, dtype=torch.uint8)
+    for a in range(0, numel, PACK_CHUNK):  # bits bytes hold 8 codes: slices start on a word
+        n = min(PACK_CHUNK, numel - a)
+        b = packed[a * bits // 8:(a + n) * bits // 8 + bits].to(wide)
+        b = torch.nn.functional.pad(b, (0, (-b.numel()) % bits)).reshape(-1, bits)
+        words = (b << (torch.arange(bits, dtype=wide) * 8)).sum(-1, dtype=wide)
+        codes = (words.unsqueeze(-1) >> (torch.arange(8, dtype=wide) * bits)) & ((1 << bits) - 1)
+        out[a:a + n] = codes.reshape(-1)[:n]
+    return out
 
 
 # ---- the tensor ---------------------------------------------------------------
@@ -121,12 +131,16 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s = self.scheme
-        codes = self.unpacked_codes()
         rows, cols = math.prod(self.shape[:-1]), self.shape[-1]
-        cg = group_view(as_2d(codes).to(torch.float32), s).nan_to_num(0).to(torch.uint8)
-        z = self.zero_points()
-        w = dequantize_grouped(cg, self.scales().unsqueeze(-1), None if z is None else z.unsqueeze(-1), s)
-        return ungroup(w, rows, cols).reshape(self.shape).to(dtype)
+        codes = as_2d(self.unpacked_codes())
+        scale, z = self.scales(), self.zero_points()
+        out = torch.empty(rows, cols, dtype=dtype)
+        for a, b in row_chunks(s, rows, cols):  # decoding takes ~4 float copies: a slice at a time
+            sa, za = _row_slice(scale, s, a, b), _row_slice(z, s, a, b)
+            cg = group_view(codes[a:b].to(torch.float32), s).nan_to_num(0).to(torch.uint8)
+            w = dequantize_grouped(cg, sa.unsqueeze(-1), None if za is None else za.unsqueeze(-1), s)
+            out[a:b] = ungroup(w, b - a, cols)
+        return out.reshape(self.shape)
 
     # ---- storage --------------------------------------------------------
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -192,10 +206,30 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
         raise UserError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
     if not x.is_floating_point():
         raise UserError(f"{what} has dtype {x.dtype}; quantize floating-point tensors")
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        n = int(bad.sum())
+    flat = x.reshape(-1)
+    n = sum(int((~torch.isfinite(flat[a:a + PACK_CHUNK])).sum()) for a in range(0, flat.numel(), PACK_CHUNK))
+    if n:
         raise UserError(f"{what} contains {n} NaN/Inf value(s) of {x.numel()}; fix the source weights before quantizing")
+
+
+# Quantizing or dequantizing makes several float32 temporaries the size of its input
+# (grouped views, ranges, scaled values, rounded values): done on slices of rows of at
+# most this many elements, the temporaries stay ~50 MB however large the weight (a
+# 128256 x 4096 head would otherwise need ~20 GB). Rows are independent unless the
+# scale is per tensor.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def row_chunks(scheme: Scheme, rows: int, cols: int) -> list[tuple[int, int]]:
+    if scheme.granularity == "tensor":
+        return [(0, rows)]
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _row_slice(t: torch.Tensor | None, scheme: Scheme, a: int, b: int) -> torch.Tensor | None:
+    """Rows a:b of a [scale_rows, groups] tensor (the whole of it for a per-tensor scale)."""
+    return t if t is None or scheme.granularity == "tensor" else t[a:b]
 
 
 def quantize_tensor(x: torch.Tensor, scheme: Scheme | str, *, scale: torch.Tensor | None = None,
@@ -212,14 +246,24 @@ def quantize_tensor(x: torch.Tensor, scheme: Scheme | str, *, scale: torch.Tenso
         raise ValueError(f"{name} is a scalar; quantize tensors with at least one dimension")
     x2 = as_2d(x.detach()).to(torch.float32)
     rows, cols = x2.shape
-    if scale is None:
-        scale, zero_point = choose_qparams(x2, scheme)
-    if tuple(scale.shape) != num_groups(scheme, rows, cols):
-        raise SchemeError(f"scale shape {tuple(scale.shape)} does not fit {scheme.name} on {tuple(x.shape)}")
     fmt = scheme.number_format
-    xg = group_view(x2, scheme)
-    z = zero_point.unsqueeze(-1) if zero_point is not None else None
-    codes = ungroup(encode_grouped(xg, scale.unsqueeze(-1), z, scheme), rows, cols)
+    given = scale is not None
+    if given and tuple(scale.shape) != num_groups(scheme, rows, cols):
+        raise SchemeError(f"scale shape {tuple(scale.shape)} does not fit {scheme.name} on {tuple(x.shape)}")
+    codes, scales, zps = torch.empty(rows, cols, dtype=torch.uint8), [], []
+    for a, b in row_chunks(scheme, rows, cols):
+        xa = x2[a:b]
+        if given:
+            sa, za = _row_slice(scale, scheme, a, b), _row_slice(zero_point, scheme, a, b)
+        else:
+            sa, za = choose_qparams(xa, scheme)
+        scales.append(sa)
+        zps.append(za)
+        codes[a:b] = ungroup(encode_grouped(group_view(xa, scheme), sa.unsqueeze(-1),
+                                            za.unsqueeze(-1) if za is not None else None, scheme), b - a, cols)
+    if not given:
+        scale = torch.cat(scales)
+        zero_point = torch.cat(zps) if zps[0] is not None else None
     if scheme.scale_dtype == "e8m0":
         # scales arrive already rounded to powers of two: store the biased exponent
         stored_scale = (torch.log2(scale).round() + 127).to(torch.uint8)

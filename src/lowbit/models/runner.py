@@ -304,6 +304,9 @@ def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *,
                 act_amax.update({n: st.amax for n in names if (st := after.pop(n)) is not None})
         if block_done is not None:
             block_done(i, block, results, inputs)
+        # let go of this block before the next one is loaded: streaming drops it in
+        # block_done, and the loop's own names would otherwise keep two blocks alive
+        block = names = mod = None
         bar.set_postfix_str(f"{time.time() - t0:.0f}s")
     if outside_blocks:  # Linears outside the blocks (only if a recipe asks, e.g. lm_head): round to nearest
         for name in targets:
