@@ -255,12 +255,12 @@ def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64,
                 decode[name, e].append(last[name, e]["decode_tokens_per_s"])
             for n, p in prompts.items():
                 prefill[name][n].append(prefill_tokens_per_s(m, p, repeat=1))
+    linear_fraction = {k: g["decode_linear_seconds"] / g["decode_seconds"] for k, g in timed.items()}
     out = {}
     for name, m in models.items():
         e = decode_engine(m)
         by_len = {str(n): statistics.median(v) for n, v in prefill[name].items()}
         tps = statistics.median(decode[name, e])
-        linear_fraction = {k: g["decode_linear_seconds"] / g["decode_seconds"] for k, g in timed.items()}
         out[name] = {
             "decode_tokens_per_s": tps,
             "decode_ms_per_token": 1e3 / tps,

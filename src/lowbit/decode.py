@@ -76,7 +76,6 @@ class Decoder:
         if window is not None and getattr(cfg, "model_type", "") == "mistral" and max_len > window:
             raise UserError(f"lowbit's decoder does not run this model past its {window}-token sliding window "
                             f"({max_len} positions asked for); use transformers' generate")
-        self.model = model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -87,7 +86,7 @@ class Decoder:
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         head = model.get_output_embeddings()
         self.lm_head = head if hooks else head.forward
-        dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.bfloat16
+        self.dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.bfloat16
         with torch.no_grad():  # the model's own rotary module: its rope type, scaling and attention factor
             pos = torch.arange(max_len)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
@@ -97,7 +96,6 @@ class Decoder:
         shape = (len(self.layers), self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=torch.float32)
         self.v_cache = torch.zeros(shape, dtype=torch.float32)
-        self.dtype = dtype
         self.pos = 0
 
     @torch.inference_mode()

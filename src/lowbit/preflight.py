@@ -2,8 +2,10 @@
 a job this machine cannot hold before any of it runs.
 
 The prediction comes from the checkpoint's tensor shapes (read from the safetensors
-headers), the recipe, the calibration size and three quick measurements of this machine
-(a float32 GEMM, one representative quantization, a read from the checkpoint). Memory is
+headers), the recipe, the calibration size and quick measurements of this machine (a
+float32 GEMM, GPTQ's factorisation and column loop, one checkpoint tensor read, rounded and
+dequantized, a float tensor copied as the output's float shards are, a read from the
+checkpoint) plus the seconds the process has already run. Memory is
 counted term by term after the streaming pipeline (lowbit.stream): the process as it is
 now, one block in float32, the calibration hidden states (current, next and the resume
 checkpoint), one batch's intermediates, the input statistics (float64 Hessians) and the
@@ -40,6 +42,8 @@ class Machine:
     @classmethod
     def measure(cls, ckpt: LazyCheckpoint, scheme, quantizer: str, widths: dict[int, str]) -> "Machine":
         """`widths`: input width -> one checkpoint tensor of that width (measured on its first rows)."""
+        import psutil
+
         a = torch.randn(2048, 2048)
         torch.mm(a, a)
         t = time.perf_counter()
@@ -48,8 +52,6 @@ class Machine:
         gflops = 2 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
         factor = _factor_s_per_n3() if quantizer == "gptq" else 0.0
         gptq_ns = {w: _quant_ns(scheme, w, gflops, factor) for w in widths} if quantizer == "gptq" else {}
-        import psutil
-
         return cls(gflops, _read_speed(ckpt), gptq_ns, {w: _pipeline_ns(ckpt, k, scheme) for w, k in widths.items()}, factor,
                    _copy_ns(ckpt), time.time() - psutil.Process().create_time())
 

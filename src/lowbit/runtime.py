@@ -307,7 +307,6 @@ def lowbit_meta(modules: dict, float_dtype: torch.dtype, info: dict) -> dict:
 def _read_shards(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or every shard a model.safetensors.index.json lists (streamed outputs)."""
     from .io import read_safetensors
-
     from .models.lazy import INDEX
 
     index = path / INDEX

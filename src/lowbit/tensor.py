@@ -207,7 +207,7 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
     if not x.is_floating_point():
         raise UserError(f"{what} has dtype {x.dtype}; quantize floating-point tensors")
     flat = x.reshape(-1)
-    n = sum(int((~torch.isfinite(flat[a:a + PACK_CHUNK])).sum()) for a in range(0, flat.numel(), PACK_CHUNK))
+    n = sum(int((~torch.isfinite(flat[a:a + CHUNK_ELEMENTS])).sum()) for a in range(0, flat.numel(), CHUNK_ELEMENTS))
     if n:
         raise UserError(f"{what} contains {n} NaN/Inf value(s) of {x.numel()}; fix the source weights before quantizing")
 

@@ -89,9 +89,13 @@ def _int8_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device
             and dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
+def int8_codes(qt: QuantizedTensor) -> torch.Tensor:
+    """Symmetric int8 codes (stored as v + 128) as signed int8 [n, k]."""
+    return (qt.unpacked_codes().to(torch.int16) - 128).to(torch.int8).contiguous()
+
+
 def _int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
-    w = (qt.unpacked_codes().to(torch.int16) - 128).to(torch.int8).contiguous()
-    return {"w": w, "scale": qt.scales()[:, 0].to(dtype).contiguous(), "n": qt.shape[0]}
+    return {"w": int8_codes(qt), "scale": qt.scales()[:, 0].to(dtype).contiguous(), "n": qt.shape[0]}
 
 
 def _int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:

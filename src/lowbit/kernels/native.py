@@ -88,11 +88,9 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     128-column chunk, 4 rows x 64 bytes, the row's 16-bit word l = col l | col l+32 << 4 |
     col l+64 << 8 | col l+96 << 12 (little endian); then, if k % 128 == 64, 4 rows x 32
     bytes, byte j = col j | col j+32 << 4."""
-    n, k = codes.shape
-    c = codes.to(torch.uint8)
-    n_pad = -(-n // TILE) * TILE
-    if n_pad != n:
-        c = torch.cat([c, c.new_zeros(n_pad - n, k)])
+    k = codes.shape[1]
+    c = _pad_rows(codes.to(torch.uint8))
+    n_pad = c.shape[0]
     k128 = k - k % 128
     main = c[:, :k128].reshape(n_pad, k128 // 128, 4, 32)
     words = torch.stack([main[:, :, 0] | (main[:, :, 1] << 4), main[:, :, 2] | (main[:, :, 3] << 4)], dim=-1)
@@ -168,8 +166,9 @@ def int8_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device)
 
 
 def int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
-    w = (qt.unpacked_codes().to(torch.int16) - 128).to(torch.int8).contiguous()
-    return {"w": w, "scale": qt.scales()[:, 0].contiguous(), "n": qt.shape[0]}
+    from .cpu import int8_codes
+
+    return {"w": int8_codes(qt), "scale": qt.scales()[:, 0].contiguous(), "n": qt.shape[0]}  # fp32 scales
 
 
 def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -233,6 +234,18 @@ void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, fl
   }
 }
 
+// Calls f(S{}, std::integral_constant<int, ZMODE>{}) for the stored scale type (fp16 / fp32)
+// and zero-point mode: the one place the kernels' template arguments are chosen at run time.
+template <typename F>
+void dispatch(bool half, int64_t zero_mode, F&& f) {
+  auto by_zero = [&](auto s) {
+    if (zero_mode == ZERO_CONST) f(s, std::integral_constant<int, ZERO_CONST>{});
+    else if (zero_mode == ZERO_INT) f(s, std::integral_constant<int, ZERO_INT>{});
+    else f(s, std::integral_constant<int, ZERO_FLOAT>{});
+  };
+  if (half) by_zero(at::Half{}); else by_zero(float{});
+}
+
 }  // namespace
 
 // y[m, n] (bf16) = x[m, k] (bf16) @ W^T, W from 4-bit codes in tiles; zero_mode selects the zero term.
@@ -257,11 +270,10 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   const auto* cp = codes.data_ptr<uint8_t>();
   const bool half = scale.dtype() == torch::kHalf;
   at::parallel_for(0, n_tiles, 4, [&](int64_t t0, int64_t t1) {
-#define LB_RUN(S, Z) int4_tiles<S, Z>(m, cp, scale.data_ptr<S>(), zp, zc, xp, sx.data(), yp, n, k, group_size, t0, t1)
-    if (zero_mode == ZERO_CONST) { if (half) LB_RUN(at::Half, ZERO_CONST); else LB_RUN(float, ZERO_CONST); }
-    else if (zero_mode == ZERO_INT) { if (half) LB_RUN(at::Half, ZERO_INT); else LB_RUN(float, ZERO_INT); }
-    else { if (half) LB_RUN(at::Half, ZERO_FLOAT); else LB_RUN(float, ZERO_FLOAT); }
-#undef LB_RUN
+    dispatch(half, zero_mode, [&](auto s, auto z) {
+      using S = decltype(s);
+      int4_tiles<S, decltype(z)::value>(m, cp, scale.data_ptr<S>(), zp, zc, xp, sx.data(), yp, n, k, group_size, t0, t1);
+    });
   });
   return y;
 }
@@ -280,11 +292,10 @@ torch::Tensor int4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tens
   const int64_t tile0 = row0 / TILE;
   at::parallel_for(tile0, row1 / TILE, 4, [&](int64_t t0, int64_t t1) {
     at::BFloat16* o = op + (t0 - tile0) * TILE * k;
-#define LB_RUN(S, Z) int4_dequant_tiles<S, Z>(cp, scale.data_ptr<S>(), zp, zc, k, group_size, t0, t1, o)
-    if (zero_mode == ZERO_CONST) { if (half) LB_RUN(at::Half, ZERO_CONST); else LB_RUN(float, ZERO_CONST); }
-    else if (zero_mode == ZERO_INT) { if (half) LB_RUN(at::Half, ZERO_INT); else LB_RUN(float, ZERO_INT); }
-    else { if (half) LB_RUN(at::Half, ZERO_FLOAT); else LB_RUN(float, ZERO_FLOAT); }
-#undef LB_RUN
+    dispatch(half, zero_mode, [&](auto s, auto z) {
+      using S = decltype(s);
+      int4_dequant_tiles<S, decltype(z)::value>(cp, scale.data_ptr<S>(), zp, zc, k, group_size, t0, t1, o);
+    });
   });
   return out;
 }
