@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import torch  # noqa: E402
 
 from lowbit.algorithms.qat import QATOptions  # noqa: E402
-from lowbit.compare import compare, format_quality_table  # noqa: E402
-from lowbit.pipeline import MethodOptions  # noqa: E402
+from lowbit.evaluate.compare import compare, format_quality_table  # noqa: E402
+from lowbit.quantization.job import MethodOptions  # noqa: E402
 
 W = "-g64-asym"
 VARIANTS = {
@@ -46,10 +46,10 @@ def mixed_3_5(calib, base):
 
 
 def kv_table(source: str, max_windows: int, seq_len: int) -> list[dict]:
-    from lowbit.data import text_windows
-    from lowbit.kvcache import QuantizedKVCache, kv_logprobs
+    from lowbit.io.text import text_windows
     from lowbit.models.load import load_float
-    from lowbit.plan import arch_from_hf_config, kv_cache_bytes
+    from lowbit.plan.planner import arch_from_hf_config, kv_cache_bytes
+    from lowbit.runtime.kvcache import QuantizedKVCache, kv_logprobs
 
     model, tok = load_float(source)
     _, windows = text_windows(tok, "wiki", "text", seq_len, eval_max=max_windows)

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from lowbit.compare import compare, format_quality_table  # noqa: E402
+from lowbit.evaluate.compare import compare, format_quality_table  # noqa: E402
 
 DEFAULT = ",".join(
     f"{m}:{s}"

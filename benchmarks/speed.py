@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
-from lowbit.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants  # noqa: E402
+from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants  # noqa: E402
 from lowbit.models import load_float  # noqa: E402
 
 

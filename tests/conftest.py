@@ -18,7 +18,7 @@ def embedded():
 @pytest.fixture(scope="session")
 def wiki_windows(embedded):
     """Small calibration (16 x 256) and held-out evaluation (8 x 256) windows."""
-    from lowbit.data import text_windows
+    from lowbit.io.text import text_windows
 
     _, tok = embedded
     return text_windows(tok, "wiki", "text", 256, calib_samples=16, eval_max=8, seed=0)

@@ -12,9 +12,9 @@ from lowbit.analysis.outliers import outlier_channels, persistence
 from lowbit.analysis.probes import edit_distance, first_divergence, load_probes
 from lowbit.analysis.stats import ChannelStats, TokenStats
 from lowbit.analysis.studies import clipping_curve, error_vs_bits, metadata_overhead, sym_vs_affine
-from lowbit.cli import main
-from lowbit.observe import fake_quantize
-from lowbit.tensor import quantize_tensor
+from lowbit.cli.parser import main
+from lowbit.core.qparams import fake_quantize
+from lowbit.core.tensor import quantize_tensor
 
 
 def test_channel_stats_match_hand_computed_values():
@@ -135,7 +135,7 @@ def test_fake_quantize_equals_stored_codes_decoded(scheme):
 
 
 def scheme_parse(name):
-    from lowbit.scheme import Scheme
+    from lowbit.core.scheme import Scheme
 
     return Scheme.parse(name)
 

@@ -33,6 +33,6 @@ def test_1b_checkpoint_streams_in_bounded_memory(tmp_path):
     gptq = bench.run(["quantize", str(bench.first_blocks(d, 2)), "--method", "gptq", "--scheme", "w4a16-g128",
                       "--samples", "4", "--seq-len", "256", "--batch-size", "2", "--out", str(tmp_path / "gptq")])
     assert abs(gptq["predicted_peak_gb"] / gptq["peak_rss_gb"] - 1) < 0.5
-    from lowbit.runtime import load_quantized
+    from lowbit.io.lowbit_dir import load_quantized
     model, _, meta = load_quantized(tmp_path / "gptq")
     assert len(meta["modules"]) == 2 * 7

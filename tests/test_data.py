@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from lowbit.data import calibration_windows, eval_windows, load_text, split_text, wiki_text
 from lowbit.errors import UserError
+from lowbit.io.text import calibration_windows, eval_windows, load_text, split_text, wiki_text
 
 
 def test_wiki_split_never_overlaps():

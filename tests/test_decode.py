@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from lowbit.api import make_recipe
-from lowbit.bench import decode_engine, generate
-from lowbit.decode import Decoder
+from lowbit.core.scheme import Scheme
 from lowbit.errors import UserError
-from lowbit.pipeline import quantize_model
-from lowbit.scheme import Scheme
+from lowbit.quantization.job import quantize_model
+from lowbit.runtime.decode import Decoder
+from lowbit.runtime.generate import decode_engine, generate
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)

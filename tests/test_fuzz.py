@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lowbit.core.method import Method
+from lowbit.core.scheme import PRESETS, Recipe, Scheme
 from lowbit.errors import UserError
-from lowbit.pipeline import Method
-from lowbit.scheme import PRESETS, Recipe, Scheme
 
 TOKENS = ["w", "a", "g", "fp8", "fp4", "nf4", "mx", "int", "e4m3", "e5m2", "-", "asym", "sym", "mse", "static",
           "token", "channel", "tensor", "16", "8", "4", "3", "2", "1", "0", "64", "128", "33", "-1", "x", " "]
@@ -101,7 +101,7 @@ def test_config_reader_on_mutated_configs(tmp_path, changes):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(json_values, st.text(string.printable, max_size=40)))
 def test_lowbit_json_reader_on_garbage(tmp_path, meta):
-    from lowbit.runtime import load_quantized
+    from lowbit.io.lowbit_dir import load_quantized
 
     d = tmp_path / "q"
     d.mkdir(exist_ok=True)

@@ -1,18 +1,17 @@
 """Export/import: every format checked by the other side's own reader where one runs here."""
 import copy
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from lowbit.api import make_recipe
+from lowbit.core.scheme import Scheme
+from lowbit.core.tensor import quantize_tensor
 from lowbit.errors import UserError
-from lowbit.pipeline import quantize_model
-from lowbit.runtime import QuantLinear, quantized_modules
-from lowbit.scheme import Scheme
-from lowbit.tensor import quantize_tensor
-
-import gguf
+from lowbit.quantization.job import quantize_model
+from lowbit.runtime.qlinear import QuantLinear, quantized_modules
 
 T = gguf.GGMLQuantizationType
 
@@ -41,7 +40,7 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("qtype,name", [(T.Q8_0, "q8_0"), (T.Q4_0, "q4_0"), (T.Q4_1, "q4_1")])
 def test_gguf_blocks_are_read_and_written_bit_exactly(qtype, name):
-    from lowbit.interop.gguf_io import blocks_from_qtensor, qtensor_from_blocks
+    from lowbit.io.interop.gguf_io import blocks_from_qtensor, qtensor_from_blocks
 
     w = (torch.randn(48, 128) * torch.linspace(0.1, 3, 128)).numpy().astype(np.float32)
     raw = gguf.quants.quantize(w, qtype)  # llama.cpp's layout, written by gguf itself
@@ -55,7 +54,7 @@ def test_gguf_blocks_are_read_and_written_bit_exactly(qtype, name):
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1"])
 def test_lowbit_quantized_gguf_schemes_decode_the_same_in_gguf(name):
-    from lowbit.interop.gguf_io import blocks_from_qtensor
+    from lowbit.io.interop.gguf_io import blocks_from_qtensor
 
     x = torch.randn(32, 96) + 0.3
     qt = quantize_tensor(x, name)
@@ -64,7 +63,7 @@ def test_lowbit_quantized_gguf_schemes_decode_the_same_in_gguf(name):
 
 
 def test_gguf_refuses_inexact_schemes_unless_asked(embedded, tmp_path):
-    from lowbit.interop.gguf_io import export_gguf
+    from lowbit.io.interop.gguf_io import export_gguf
 
     model = _rtn(embedded, "w4a16-g64-asym")
     with pytest.raises(UserError, match="requantize"):
@@ -86,7 +85,7 @@ def _embedded_gguf():
 
 @pytest.fixture(scope="module")
 def gguf_roundtrip(tmp_path_factory):
-    from lowbit.interop.gguf_io import export_gguf, import_gguf
+    from lowbit.io.interop.gguf_io import export_gguf, import_gguf
 
     src = _embedded_gguf()
     model, tok, qts = import_gguf(src)
@@ -120,7 +119,7 @@ def test_transformers_gguf_loader_reads_our_export_to_the_same_logits(gguf_round
 def test_compressed_tensors_symmetric_loads_in_transformers_to_identical_logits(embedded, prompt_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lowbit.interop.compressed import export_compressed_tensors, import_compressed_tensors
+    from lowbit.io.interop.compressed import export_compressed_tensors, import_compressed_tensors
 
     model = _rtn(embedded, "w4a16-g64")
     export_compressed_tensors(model, embedded[1], tmp_path / "ct")
@@ -140,7 +139,7 @@ def test_compressed_tensors_decompressor_reads_our_weights(embedded, tmp_path, s
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
 
-    from lowbit.interop.compressed import export_compressed_tensors, import_compressed_tensors, weight_args
+    from lowbit.io.interop.compressed import export_compressed_tensors, import_compressed_tensors, weight_args
 
     model = _rtn(embedded, scheme)
     rep = export_compressed_tensors(model, embedded[1], tmp_path / "ct")
@@ -156,7 +155,7 @@ def test_compressed_tensors_decompressor_reads_our_weights(embedded, tmp_path, s
 
 
 def test_compressed_tensors_refuses_what_it_cannot_hold(embedded, tmp_path):
-    from lowbit.interop.compressed import export_compressed_tensors
+    from lowbit.io.interop.compressed import export_compressed_tensors
 
     with pytest.raises(UserError, match="short last group"):
         export_compressed_tensors(_rtn(embedded, "w4a16-g128"), embedded[1], tmp_path / "a")  # 576 = 4x128 + 64
@@ -181,7 +180,7 @@ def _autogptq_dequant(qweight, qzeros, scales, g_idx, bits):
 def test_gptq_format_matches_the_reference_dequantization_and_reimports_exactly(embedded, tmp_path, scheme, prompt_ids):
     from safetensors.torch import load_file
 
-    from lowbit.interop.gptq_format import export_gptq, import_gptq
+    from lowbit.io.interop.gptq_format import export_gptq, import_gptq
 
     model = _rtn(embedded, scheme)
     export_gptq(model, embedded[1], tmp_path / "g")
@@ -197,7 +196,7 @@ def test_gptq_format_matches_the_reference_dequantization_and_reimports_exactly(
 
 
 def test_gptq_format_refuses_3_bit_and_short_groups(embedded, tmp_path):
-    from lowbit.interop.gptq_format import export_gptq
+    from lowbit.io.interop.gptq_format import export_gptq
 
     with pytest.raises(UserError, match="2/4/8-bit"):
         export_gptq(_rtn(embedded, "w3a16-g64"), embedded[1], tmp_path / "a")
@@ -206,7 +205,7 @@ def test_gptq_format_refuses_3_bit_and_short_groups(embedded, tmp_path):
 
 
 def test_gptq_v1_cannot_hold_a_zero_point_of_zero():
-    from lowbit.interop.gptq_format import gptq_tensors
+    from lowbit.io.interop.gptq_format import gptq_tensors
 
     x = torch.rand(32, 64)  # all >= 0: affine zero points are 0
     with pytest.raises(UserError, match="zero point of 0"):
@@ -218,7 +217,7 @@ def test_gptq_v1_cannot_hold_a_zero_point_of_zero():
 def test_cli_quantize_export_import_eval(tmp_path, capsys):
     import json
 
-    from lowbit.cli import main
+    from lowbit.cli.parser import main
 
     out = tmp_path / "q"
     assert main(["--quiet", "quantize", "smollm2-135m", "--method", "rtn", "--scheme", "q4_0", "--out", str(out),
@@ -238,7 +237,7 @@ def test_cli_quantize_export_import_eval(tmp_path, capsys):
 @pytest.mark.parametrize("qtype,nbytes,fp16_at", [(T.Q4_K, 144, [(0, 2), (2, 4)]), (T.Q6_K, 210, [(208, 210)])])
 def test_k_quants_import_bit_exactly(qtype, nbytes, fp16_at):
     """Random super-blocks (any bytes are valid codes and sub-scales), decoded by gguf itself."""
-    from lowbit.interop.gguf_io import qtensor_from_blocks
+    from lowbit.io.interop.gguf_io import qtensor_from_blocks
 
     rng = np.random.default_rng(0)
     rows, cols = 8, 512
@@ -261,8 +260,8 @@ def _autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
 
 
 def test_awq_checkpoint_imports_bit_exactly(embedded, tmp_path, prompt_ids):
-    from lowbit.interop import import_model
-    from lowbit.interop.checkpoint import float_tensors, write_checkpoint
+    from lowbit.io.interop import import_model
+    from lowbit.io.interop.checkpoint import float_tensors, write_checkpoint
 
     model = _rtn(embedded, "w4a16-g64-asym")
     qmods = quantized_modules(model)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lowbit import quantize_tensor
-from lowbit.kernels import KERNELS, native, select
-from lowbit.runtime import QuantLinear
+from lowbit.runtime.kernels import KERNELS, native, select
+from lowbit.runtime.qlinear import QuantLinear
 
 NATIVE = native.available()
 

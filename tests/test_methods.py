@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from lowbit.api import make_recipe
+from lowbit.core.method import Method
 from lowbit.errors import UserError
-from lowbit.evaluate import evaluate_many
-from lowbit.pipeline import Method, MethodOptions, quantize_model
-from lowbit.runtime import QuantLinear, load_quantized, save_quantized
+from lowbit.evaluate.quality import evaluate_many
+from lowbit.io.lowbit_dir import load_quantized, save_quantized
+from lowbit.quantization.job import MethodOptions, quantize_model
+from lowbit.runtime.qlinear import QuantLinear
 
 
 def _logits(model, ids):
@@ -26,9 +28,9 @@ def _kl(models, base, windows):
 @pytest.mark.parametrize("method", ["smoothquant", "awq"])
 def test_folding_scales_leaves_float_outputs_unchanged(fresh_model, embedded, wiki_windows, method):
     from lowbit.algorithms.smooth import make_prepare
+    from lowbit.core.scheme import Scheme
     from lowbit.models.adapters import attention_heads, decoder_layers, linear_modules
-    from lowbit.models.runner import BlockInputs, StatsCollector
-    from lowbit.scheme import Scheme
+    from lowbit.quantization.runner import BlockInputs, StatsCollector
 
     base, _ = embedded
     calib, held_out = wiki_windows
@@ -67,7 +69,7 @@ def test_rotation_leaves_float_outputs_unchanged(fresh_model, embedded, wiki_win
 
 @pytest.mark.parametrize("n", [12, 20, 64, 576, 1536, 2560])
 def test_hadamard_is_orthonormal_and_the_fast_transform_matches(n):
-    from lowbit.algorithms.rotate import hadamard, hadamard_transform
+    from lowbit.core.transforms import hadamard, hadamard_transform
 
     H = hadamard(n)
     assert torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
@@ -77,7 +79,7 @@ def test_hadamard_is_orthonormal_and_the_fast_transform_matches(n):
 
 
 def test_hadamard_of_an_unbuildable_order_is_a_clear_error():
-    from lowbit.algorithms.rotate import hadamard
+    from lowbit.core.transforms import hadamard
 
     with pytest.raises(UserError, match="no Hadamard matrix of order 36"):
         hadamard(36)
@@ -141,8 +143,8 @@ def test_static_w8a8_and_rotation_and_outlier_split_survive_save_and_reload(embe
 
 
 def test_outlier_split_keeps_float_channels_out_of_activation_rounding():
-    from lowbit.scheme import Scheme
-    from lowbit.tensor import quantize_tensor
+    from lowbit.core.scheme import Scheme
+    from lowbit.core.tensor import quantize_tensor
 
     torch.manual_seed(0)
     w = torch.randn(16, 32) * 0.1
@@ -176,7 +178,7 @@ def test_mixed_precision_at_3_5_bits_beats_uniform_3_bit(embedded, wiki_windows)
     kl = _kl(models, base, held_out)
     assert kl["mixed"] < kl["uniform"]
     # reusable: the recipe round-trips through JSON
-    from lowbit.scheme import Recipe
+    from lowbit.core.scheme import Recipe
     assert Recipe.from_dict(mixed.to_dict()).overrides == mixed.overrides
 
 
@@ -221,8 +223,8 @@ def test_qat_lowers_the_distillation_loss_and_exports_codes():
 # ---- KV cache ------------------------------------------------------------------
 
 def test_kv_cache_quantization_costs_little_and_its_bytes_match_the_planner(embedded, wiki_windows):
-    from lowbit.kvcache import QuantizedKVCache, kv_logprobs
-    from lowbit.plan import arch_from_hf_config, kv_cache_bytes
+    from lowbit.plan.planner import arch_from_hf_config, kv_cache_bytes
+    from lowbit.runtime.kvcache import QuantizedKVCache, kv_logprobs
 
     base, _ = embedded
     ids = wiki_windows[1][:2, :128]
@@ -299,7 +301,7 @@ def test_method_cli_errors_are_one_line(argv, msg, tmp_path):
 def test_exports_refuse_what_their_loaders_would_drop(tmp_path):
     import transformers
 
-    from lowbit.interop import export_model
+    from lowbit.io.interop import export_model
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                       num_key_value_heads=2, num_hidden_layers=1)

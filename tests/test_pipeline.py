@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from lowbit.api import make_recipe
-from lowbit.evaluate import evaluate_many
-from lowbit.io import read_safetensors
-from lowbit.pipeline import quantize_model
-from lowbit.runtime import QuantLinear, load_quantized, model_bytes, save_quantized
+from lowbit.evaluate.quality import evaluate_many
+from lowbit.io.files import read_safetensors
+from lowbit.io.lowbit_dir import load_quantized, save_quantized
+from lowbit.quantization.job import quantize_model
+from lowbit.runtime.qlinear import QuantLinear, model_bytes
 
 
 @pytest.mark.parametrize("scheme", ["w4a16-g64", "w3a16-g64"])
@@ -141,7 +142,7 @@ def test_cli_user_errors_are_one_line(argv, msg, tmp_path):
 
 
 def test_true_sequential_stages_follow_the_call_order(fresh_model, wiki_windows):
-    from lowbit.models.runner import BlockInputs, sequential_stages
+    from lowbit.quantization.runner import BlockInputs, sequential_stages
 
     calib, _ = wiki_windows
     block = fresh_model.model.layers[0]
@@ -154,7 +155,7 @@ def test_true_sequential_stages_follow_the_call_order(fresh_model, wiki_windows)
 @pytest.mark.parametrize("scheme", ["q4_1", "int3-g64-asym-mse"])
 def test_gptq_lowers_the_output_error_of_rtn_for_every_zero_domain(scheme):
     from lowbit.algorithms.gptq import gptq
-    from lowbit.tensor import quantize_tensor
+    from lowbit.core.tensor import quantize_tensor
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3  # correlated inputs

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from lowbit.hardware import CATALOG
-from lowbit.plan import Arch, PlanInput, arch_from_hf_config, kv_cache_bytes, plan, read_model, weight_bytes
-from lowbit.scheme import Recipe, Scheme
+from lowbit.core.scheme import Recipe, Scheme
+from lowbit.plan.devices import CATALOG
+from lowbit.plan.planner import Arch, PlanInput, arch_from_hf_config, kv_cache_bytes, plan, read_model, weight_bytes
 
 LLAMA3_8B = dict(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
 
@@ -65,9 +65,9 @@ def test_prediction_equals_saved_bytes_exactly(tmp_path, embedded):
     import copy
 
     from lowbit.api import make_recipe
-    from lowbit.io import read_safetensors
-    from lowbit.pipeline import quantize_model
-    from lowbit.runtime import save_quantized
+    from lowbit.io.files import read_safetensors
+    from lowbit.io.lowbit_dir import save_quantized
+    from lowbit.quantization.job import quantize_model
 
     model, tok = embedded
     for scheme in ["w4a16-g128-asym", "w3a16-g64"]:  # 576 = 4 x 128 + 64: a short last group

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit import QuantizedTensor, Scheme, SchemeError, quantize_tensor
-from lowbit.observe import group_view
-from lowbit.tensor import pack_codes, packed_nbytes, unpack_codes
+from lowbit.core.qparams import group_view
+from lowbit.core.tensor import pack_codes, packed_nbytes, unpack_codes
 
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 70))
 int_bits = st.integers(2, 8)
@@ -242,7 +242,7 @@ def test_float_zero_roundtrips_and_needs_an_affine_int_scheme(tmp_path):
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**16), asym=st.booleans())
 def test_importance_weighted_mse_minimises_the_weighted_error(seed, asym):
-    from lowbit.observe import choose_qparams, fake_quant_grouped
+    from lowbit.core.qparams import choose_qparams, fake_quant_grouped
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(16, 64, generator=g)
@@ -262,7 +262,7 @@ def test_importance_weighted_mse_minimises_the_weighted_error(seed, asym):
 def test_quantizing_a_slice_of_rows_at_a_time_changes_nothing(monkeypatch, name):
     """quantize_tensor and dequantize work on row slices to bound their temporaries: the
     codes, scales and values are those of the whole tensor at once."""
-    import lowbit.tensor as T
+    import lowbit.core.tensor as T
 
     w = torch.randn(37, 256, generator=torch.Generator().manual_seed(0))
     whole = quantize_tensor(w, name)

@@ -8,11 +8,12 @@ import sys
 import torch
 
 from lowbit.api import make_recipe
-from lowbit.bench import generate, gemv_bench
-from lowbit.kernels import native
-from lowbit.pipeline import quantize_model
-from lowbit.runtime import QuantLinear
-from lowbit.scheme import Scheme
+from lowbit.core.scheme import Scheme
+from lowbit.evaluate.bench import gemv_bench
+from lowbit.quantization.job import quantize_model
+from lowbit.runtime.generate import generate
+from lowbit.runtime.kernels import native
+from lowbit.runtime.qlinear import QuantLinear
 
 
 def test_kernel_model_agrees_with_reference_model(embedded, wiki_windows):
@@ -73,7 +74,7 @@ def test_bench_and_generate_cli():
 def test_lowbit_attention_matches_eager_with_gqa_and_masks():
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from lowbit.attention import lowbit_attention
+    from lowbit.runtime.attention import lowbit_attention
 
     torch.manual_seed(0)
     b, h, kvh, q, kv, d = 2, 6, 2, 3, 10, 16
@@ -93,7 +94,7 @@ def test_lowbit_attention_matches_eager_with_gqa_and_masks():
 
 
 def test_static_cache_generation_with_lowbit_attention(embedded):
-    from lowbit.attention import register
+    from lowbit.runtime.attention import register
 
     base, tok = embedded
     m = copy.deepcopy(base)
@@ -109,7 +110,7 @@ def test_static_cache_generation_with_lowbit_attention(embedded):
 def test_lowbit_attention_without_mask_is_causal():
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from lowbit.attention import lowbit_attention
+    from lowbit.runtime.attention import lowbit_attention
 
     torch.manual_seed(1)
     query, key, value = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)

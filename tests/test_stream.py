@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lowbit.api import make_recipe, quantize
-from lowbit.runtime import load_quantized
-from lowbit.stream import StreamOptions, stream_quantize, work_dir
+from lowbit.io.lowbit_dir import load_quantized
+from lowbit.quantization.stream import StreamOptions, stream_quantize, work_dir
 
 
 def _cli(*argv, env=None, preexec_fn=None, timeout=600):
@@ -107,7 +107,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, method):
 
 KILL_AT_WRITE = """
 import os, signal, sys
-import lowbit.stream as stream
+import lowbit.quantization.stream as stream
 n = int(os.environ["KILL_AT_WRITE"])
 calls = []
 def killing(real, path_at):
@@ -122,7 +122,7 @@ def killing(real, path_at):
     return write
 stream.save_tensors = killing(stream.save_tensors, 1)
 stream.copy_float_shard = killing(stream.copy_float_shard, 3)
-from lowbit.cli import main
+from lowbit.cli.parser import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from .data import check_text_source, text_windows
-from .models.load import load_float, resolve_source
-from .pipeline import GPTQOptions, Method, MethodOptions, QuantizeResult, quantize_model
-from .runtime import check_output_dir, load_quantized, save_quantized
-from .scheme import Recipe, Scheme
+from lowbit.core.method import Method
+from lowbit.core.scheme import Recipe, Scheme
+from lowbit.io.lowbit_dir import check_output_dir, load_quantized, save_quantized
+from lowbit.io.text import check_text_source, text_windows
+from lowbit.models.load import load_float, resolve_source
+from lowbit.quantization.job import GPTQOptions, MethodOptions, QuantizeResult, quantize_model
 
 
 def load(source: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) ready to run: QuantLinear modules in place for a lowbit output
     directory and for checkpoints quantized elsewhere (GGUF Q8_0/Q4_0/Q4_1 tensors,
     compressed-tensors, GPTQ: codes imported unchanged); float for the rest."""
-    from .interop import checkpoint_kind, import_model
+    from lowbit.io.interop import checkpoint_kind, import_model
 
     kind, path = resolve_source(source)
     if kind == "lowbit":

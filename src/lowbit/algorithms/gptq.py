@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..observe import choose_qparams, fake_quant_grouped
-from ..scheme import Scheme
-from ..tensor import QuantizedTensor, check_finite, quantize_tensor
+from lowbit.core.qparams import choose_qparams, fake_quant_grouped
+from lowbit.core.scheme import Scheme
+from lowbit.core.tensor import QuantizedTensor, check_finite, quantize_tensor
 
 
 def _inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:

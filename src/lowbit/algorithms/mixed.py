@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..analysis.sensitivity import block_linears, layer_sensitivity
-from ..errors import UserError
-from ..models.adapters import linear_weight
-from ..scheme import Recipe, Scheme
+from lowbit.analysis.sensitivity import block_linears, layer_sensitivity
+from lowbit.core.scheme import Recipe, Scheme
+from lowbit.errors import UserError
+from lowbit.models.adapters import linear_weight
 
 
 def scheme_at(base: Scheme, bits: int) -> Scheme:

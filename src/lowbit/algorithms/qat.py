@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..observe import group_view, ungroup
-from ..runtime import replace_module
-from ..tensor import QuantizedTensor, quantize_tensor
+from lowbit.core.qparams import group_view, ungroup
+from lowbit.core.tensor import QuantizedTensor, quantize_tensor
+from lowbit.errors import UserError
+from lowbit.runtime.qlinear import replace_module
 
 
 @dataclass
@@ -71,10 +71,10 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform == "hadamard":
-            from .rotate import hadamard_transform
+            from lowbit.core.transforms import hadamard_transform
             x = hadamard_transform(x)
         if self.scheme.activations is not None:  # activations round too (no gradient to their dynamic scales)
-            from ..observe import quantize_activations
+            from lowbit.core.qparams import quantize_activations
             x = x + (quantize_activations(x.detach(), self.scheme.activations, self.act_scale) - x).detach()
         return F.linear(x, self.weight_hat(), self.bias)
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.adapters import linear_weight, llama_parts, set_linear_weight
-from ..models.runner import InputStats
-from ..observe import fake_quantize
-from ..scheme import Scheme
+from lowbit.core.qparams import fake_quantize
+from lowbit.core.scheme import Scheme
+from lowbit.models.adapters import linear_weight, llama_parts, set_linear_weight
+from lowbit.quantization.runner import InputStats
 
 AWQ_GRID = tuple(i / 20 for i in range(20))  # exponents 0, 0.05, ..., 0.95 (AWQ's grid)
 

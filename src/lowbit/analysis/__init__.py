@@ -12,15 +12,15 @@ import time
 
 import torch
 
-from ..data import load_text, split_text, tokenize
-from ..errors import UserError
-from ..models.adapters import decoder_layers, linear_weight
-from .collect import KIND_LABEL, ActivationCollector, linear_kind
-from .outliers import OUTLIER_RATIO, PERSISTENT_FRACTION, persistence
-from .probes import load_probes, run_probes
-from .sensitivity import WEIGHT_SCHEMES, block_index, block_linears, layer_sensitivity, weight_errors
-from .stats import weight_stats
-from .studies import clipping_curve, error_vs_bits, metadata_overhead, sym_vs_affine
+from lowbit.analysis.collect import KIND_LABEL, ActivationCollector, linear_kind
+from lowbit.analysis.outliers import OUTLIER_RATIO, PERSISTENT_FRACTION, persistence
+from lowbit.analysis.probes import load_probes, run_probes
+from lowbit.analysis.sensitivity import WEIGHT_SCHEMES, block_index, block_linears, layer_sensitivity, weight_errors
+from lowbit.analysis.stats import weight_stats
+from lowbit.analysis.studies import clipping_curve, error_vs_bits, metadata_overhead, sym_vs_affine
+from lowbit.errors import UserError
+from lowbit.io.text import load_text, split_text, tokenize
+from lowbit.models.adapters import decoder_layers, linear_weight
 
 
 def text_sets(tokenizer, text: str, n_sets: int, windows: int, seq_len: int) -> dict[str, list[torch.Tensor]]:
@@ -72,9 +72,9 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
             new_tokens: int = 24, sensitivity_scheme: str = "w3a16-g64-asym", sensitivity_windows: int = 2,
             sensitivity_seq_len: int = 128, progress: bool = True) -> dict:
     """Everything the report shows, as one dict."""
-    from ..api import load, make_recipe
-    from ..pipeline import quantize_model
-    from ..runtime import dequantized
+    from lowbit.api import load, make_recipe
+    from lowbit.quantization.job import quantize_model
+    from lowbit.runtime.qlinear import dequantized
 
     t0 = time.time()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)

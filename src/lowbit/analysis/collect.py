@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.adapters import decoder_layers, is_linear
-from ..observe import fake_quantize
-from ..scheme import Scheme
-from .outliers import TopTokens
-from .stats import ChannelStats, TokenStats
+from lowbit.analysis.outliers import TopTokens
+from lowbit.analysis.stats import ChannelStats, TokenStats
+from lowbit.core.qparams import fake_quantize
+from lowbit.core.scheme import Scheme
+from lowbit.models.adapters import decoder_layers, is_linear
 
 # Activation quantization as a kernel would do it: dynamic scales from the tensor at hand.
 ACT_SCHEMES = {

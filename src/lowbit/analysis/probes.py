@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from lowbit.errors import UserError
 
 BUILTIN_PROBES = {
     "code": [
@@ -93,7 +93,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 @torch.no_grad()
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> list[int]:
-    from ..bench import generate
+    from lowbit.runtime.generate import generate
 
     return generate(model, ids, new_tokens)["tokens"][0].tolist()
 

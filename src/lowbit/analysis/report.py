@@ -8,8 +8,8 @@ import json
 import math
 from pathlib import Path
 
-from ..io import atomic_path
-from .findings import findings, outlier_summary, recommend
+from lowbit.analysis.findings import findings, outlier_summary, recommend
+from lowbit.io.files import atomic_path
 
 _KIND_COLORS = {"qkv": "tab:blue", "o": "tab:orange", "gate_up": "tab:green", "down": "tab:red", "other": "tab:gray"}
 

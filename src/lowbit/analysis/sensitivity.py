@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.adapters import decoder_layers, final_norm, is_linear, linear_weight, set_linear_weight
-from ..evaluate import next_token_logprobs
-from ..models.runner import BlockInputs
-from ..observe import fake_quantize
-from ..scheme import Scheme
-from .collect import linear_kind
+from lowbit.analysis.collect import linear_kind
+from lowbit.core.qparams import fake_quantize
+from lowbit.core.scheme import Scheme
+from lowbit.evaluate.quality import next_token_logprobs
+from lowbit.models.adapters import decoder_layers, final_norm, is_linear, linear_weight, set_linear_weight
+from lowbit.quantization.runner import BlockInputs
 
 WEIGHT_SCHEMES = {
     "int8 per-tensor": "int8-tensor",

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..observe import MSE_GRID, fake_quantize
-from ..scheme import Scheme
-from ..tensor import quantize_tensor
-from .sensitivity import relative_error
+from lowbit.analysis.sensitivity import relative_error
+from lowbit.core.qparams import MSE_GRID, fake_quantize
+from lowbit.core.scheme import Scheme
+from lowbit.core.tensor import quantize_tensor
 
 BITS = (2, 3, 4, 8)
 GRANULARITIES = ("tensor", "row", "g128", "g64", "g32")

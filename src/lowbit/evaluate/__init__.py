@@ -1,0 +1,1 @@
+"""Measuring quantized models: quality (perplexity, KL, agreement), comparisons, speed benchmarks."""

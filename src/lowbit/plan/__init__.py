@@ -1,0 +1,1 @@
+"""The deployment planner and the device catalog."""

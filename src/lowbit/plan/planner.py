@@ -1,0 +1,406 @@
+"""Deployment planner: bytes, fit, GPUs and roofline speed, from the architecture.
+
+Every byte figure follows lowbit's own storage: per quantized Linear, packed codes
+ceil(out*in*bits/8), one scale per (row, group) in the scale dtype, zero points
+packed at the code width; float parts (embeddings, norms, biases, an untied
+lm_head unless quantized) at `float_dtype`. KV cache = 2 x layers x kv_heads x
+head_dim x seq x batch x bytes (GQA aware), plus per-(token, head) scales for an
+INT8/FP8 cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lowbit.core.qparams import num_groups
+from lowbit.core.scheme import Recipe, Scheme
+from lowbit.core.tensor import packed_nbytes
+from lowbit.errors import UserError
+from lowbit.plan.devices import Device
+
+GIB = 1024**3
+KV_BYTES = {"fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass
+class Arch:
+    """The numbers of a decoder-only transformer that bytes and FLOPs follow from."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    gated_mlp: bool = True          # SwiGLU-style gate/up/down (3 matrices) vs up/down (2)
+    qkv_bias: bool = False
+    name: str = "model"
+    params_override: int | None = None  # "a 70B model": a parameter count without shapes
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, out_features, in_features) of every Linear in one block."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        lin = [("q_proj", q, self.hidden), ("k_proj", kv, self.hidden), ("v_proj", kv, self.hidden), ("o_proj", self.hidden, q)]
+        if self.gated_mlp:
+            lin += [("gate_proj", self.intermediate, self.hidden), ("up_proj", self.intermediate, self.hidden)]
+        else:
+            lin += [("up_proj", self.intermediate, self.hidden)]
+        lin += [("down_proj", self.hidden, self.intermediate)]
+        return lin
+
+    def components(self) -> dict[str, int]:
+        """Parameters per component."""
+        lin = self.linears()
+        attn = sum(o * i for n, o, i in lin if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+        mlp = sum(o * i for n, o, i in lin) - attn
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return {
+            "embeddings": self.vocab * self.hidden,
+            "attention": self.layers * (attn + bias),
+            "mlp": self.layers * mlp,
+            "norms": (2 * self.layers + 1) * self.hidden,
+            "lm_head": 0 if self.tied else self.vocab * self.hidden,
+        }
+
+    @property
+    def parameters(self) -> int:
+        return self.params_override or sum(self.components().values())
+
+
+# ---- reading architectures ----------------------------------------------------------------
+
+def arch_from_hf_config(cfg: dict, name: str = "model") -> Arch:
+    g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
+    hidden = g("hidden_size", "n_embd", "d_model")
+    layers = g("num_hidden_layers", "n_layer", "num_layers")
+    heads = g("num_attention_heads", "n_head")
+    if not (hidden and layers and heads):
+        raise UserError(f"{name}: config lacks hidden_size / num_hidden_layers / num_attention_heads")
+    mtype = cfg.get("model_type", "")
+    return Arch(
+        layers=layers, hidden=hidden, heads=heads,
+        kv_heads=g("num_key_value_heads", default=heads),
+        head_dim=g("head_dim", default=hidden // heads),
+        intermediate=g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        vocab=g("vocab_size"),
+        tied=bool(cfg.get("tie_word_embeddings", mtype in ("gpt2", "opt"))),
+        gated_mlp=mtype not in ("gpt2", "opt", "gpt_neox", "gptj", "falcon", "bloom", "phi"),
+        qkv_bias=mtype in ("qwen2",) or bool(cfg.get("attention_bias", False)),
+        name=name,
+    )
+
+
+def arch_from_gguf(path: Path) -> Arch:
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # the reader raises several types on corrupt files
+        raise UserError(f"{path}: unreadable GGUF ({type(e).__name__}: {e})") from None
+
+    def val(key, default=None):
+        f = r.fields.get(key)
+        if f is None:
+            return default
+        v = f.parts[f.data[0]]
+        return v.tobytes().decode() if f.types and f.types[0].name == "STRING" else int(v[0]) if v.size == 1 else v
+
+    arch = val("general.architecture")
+    if arch is None:
+        raise UserError(f"{path}: GGUF has no general.architecture")
+    hidden = val(f"{arch}.embedding_length")
+    heads = val(f"{arch}.attention.head_count")
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    names = {t.name for t in r.tensors}
+    return Arch(
+        layers=val(f"{arch}.block_count"), hidden=hidden, heads=heads,
+        kv_heads=val(f"{arch}.attention.head_count_kv", heads),
+        head_dim=val(f"{arch}.attention.key_length", hidden // heads),
+        intermediate=val(f"{arch}.feed_forward_length"),
+        vocab=len(tokens.data) if tokens is not None else val(f"{arch}.vocab_size"),
+        tied="output.weight" not in names, gated_mlp=any(n.endswith("ffn_gate.weight") for n in names),
+        qkv_bias=any(n.endswith("attn_q.bias") for n in names), name=path.name,
+    )
+
+
+def read_model(source: str) -> tuple[Arch, Recipe | None]:
+    """Arch (and the recipe of a lowbit output) from a directory, config.json or GGUF file."""
+    from lowbit.models.load import EMBEDDED, embedded_dir
+
+    p = embedded_dir(source) if source in EMBEDDED else Path(source).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return arch_from_gguf(p), None
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if not cfg_path.is_file():
+        raise UserError(f"{source!r}: give a model directory, a config.json, a .gguf file, an embedded name, "
+                        "or a parameter count (e.g. 8e9) with --layers/--hidden/--heads")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+    recipe = None
+    lb = cfg_path.parent / "lowbit.json"
+    if lb.is_file():
+        recipe = Recipe.from_dict(json.loads(lb.read_text())["recipe"])
+    return arch_from_hf_config(cfg, cfg_path.parent.name), recipe
+
+
+# ---- bytes ------------------------------------------------------------------------------------
+
+def linear_bytes(out_f: int, in_f: int, scheme: Scheme | None, float_bytes: int) -> tuple[int, int, int]:
+    """(code bytes, scale + zero-point bytes, float bytes) of one Linear as lowbit stores it."""
+    if scheme is None:
+        return 0, 0, out_f * in_f * float_bytes
+    rows, groups = num_groups(scheme, out_f, in_f)
+    scale_b = rows * groups * scheme.scale_storage_dtype.itemsize
+    zero_b = packed_nbytes(rows * groups, scheme.bits) if (not scheme.symmetric and scheme.number_format.kind == "int") else 0
+    return packed_nbytes(out_f * in_f, scheme.bits), scale_b + zero_b, 0
+
+
+def weight_bytes(arch: Arch, recipe: Recipe | None, float_dtype_bytes: int = 2) -> dict:
+    """Codes, scales (+ zero points) and float bytes of the whole model."""
+    codes = scales = floats = 0
+    if arch.params_override:  # no shapes: every parameter in Linears with in_features = hidden
+        s = recipe.scheme if recipe else None
+        if s is None:
+            return {"weight_bytes": 0, "scale_bytes": 0, "float_bytes": arch.params_override * float_dtype_bytes}
+        per_row = arch.hidden
+        rows = arch.params_override // per_row
+        c, sc, _ = linear_bytes(rows, per_row, s, float_dtype_bytes)
+        return {"weight_bytes": c, "scale_bytes": sc, "float_bytes": 0}
+    for i in range(arch.layers):
+        for name, o, n in arch.linears():
+            scheme = recipe.scheme_for(f"model.layers.{i}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}") if recipe else None
+            c, sc, f = linear_bytes(o, n, scheme, float_dtype_bytes)
+            codes, scales, floats = codes + c, scales + sc, floats + f
+    comp = arch.components()
+    floats += (comp["embeddings"] + comp["norms"]) * float_dtype_bytes
+    if arch.qkv_bias:
+        floats += arch.layers * (arch.heads + 2 * arch.kv_heads) * arch.head_dim * float_dtype_bytes
+    if not arch.tied:
+        head_scheme = recipe.scheme_for("lm_head") if recipe else None
+        c, sc, f = linear_bytes(arch.vocab, arch.hidden, head_scheme, float_dtype_bytes)
+        codes, scales, floats = codes + c, scales + sc, floats + f
+    return {"weight_bytes": codes, "scale_bytes": scales, "float_bytes": floats}
+
+
+def kv_cache_bytes(arch: Arch, seq_len: int, batch: int, kv_dtype: str = "fp16") -> int:
+    if kv_dtype not in KV_BYTES:
+        raise UserError(f"--kv-dtype {kv_dtype!r}: choose one of {', '.join(KV_BYTES)}")
+    elems = 2 * arch.layers * arch.kv_heads * arch.head_dim * seq_len * batch
+    scales = 2 * arch.layers * arch.kv_heads * seq_len * batch * 2 if KV_BYTES[kv_dtype] == 1 else 0  # fp16 per (token, head)
+    return elems * KV_BYTES[kv_dtype] + scales
+
+
+def activation_bytes(arch: Arch, batch: int, seq_len: int, chunk: int = 2048) -> int:
+    """Peak workspace: a prefill chunk's hidden/MLP activations (bf16) plus fp32 logits of
+    the last token of each sequence. An estimate: engines differ."""
+    tokens = batch * min(seq_len, chunk)
+    return tokens * (4 * arch.hidden + 2 * arch.intermediate) * 2 + batch * arch.vocab * 4
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+@dataclass
+class PlanInput:
+    arch: Arch
+    scheme: Scheme | None
+    recipe: Recipe | None
+    device: Device
+    batch: int = 8
+    seq_len: int = 8192
+    kv_dtype: str = "fp16"
+    headroom: float = 0.3
+    replicas: int | None = None
+    target_tokens_per_s: float | None = None
+    max_gpus_per_replica: int = 8
+
+
+@dataclass
+class Plan:
+    inputs: dict
+    parameters: int
+    components: dict
+    weight_bytes: int
+    scale_bytes: int
+    float_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    total_bytes: int
+    fp16_total_bytes: int
+    saved_vs_fp16_percent: float
+    usable_bytes_per_gpu: int
+    tensor_parallel: int
+    pipeline_stages: int
+    gpus_per_replica: int
+    per_gpu_bytes: int
+    fits: bool
+    shortfall_bytes: int
+    replicas: int
+    fleet_gpus: int
+    roofline: dict
+    suggestions: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compute_format(scheme: Scheme | None) -> str:
+    """What the matmuls run in: weight-only schemes dequantize to bf16."""
+    if scheme is None or scheme.activations is None:
+        return "bf16"
+    a = scheme.activations.format
+    return "fp8" if a.startswith("fp8") else "int8" if a in ("int8",) else "fp4" if a == "fp4_e2m1" else "int8"
+
+
+def roofline(arch: Arch, device: Device, stored_weight_bytes: int, kv_bytes_per_seq_token: float, scheme: Scheme | None,
+             batch: int, seq_len: int, tp: int) -> dict:
+    """Decode: bytes moved per step / bandwidth vs FLOPs / peak; prefill: FLOPs / peak."""
+    P = arch.parameters - arch.components()["embeddings"]  # embedding lookup is a gather, not a matmul
+    if arch.tied:
+        P += arch.vocab * arch.hidden  # the tied lm_head still multiplies
+    fmt = compute_format(scheme)
+    peak = device.peak_tflops(fmt) * 1e12 * tp
+    bw = device.bandwidth_gb_s * 1e9 * tp
+    # decode at mean context seq/2: read all weights once per step, and the batch's KV so far
+    kv_read = kv_bytes_per_seq_token * batch * seq_len / 2
+    attn_flops_decode = 4 * arch.layers * arch.heads * arch.head_dim * (seq_len / 2) * batch
+    t_mem = (stored_weight_bytes + kv_read) / bw
+    t_cmp = (2 * P * batch + attn_flops_decode) / peak
+    step = max(t_mem, t_cmp)
+    prefill_flops = batch * (2 * P * seq_len + 2 * arch.layers * arch.heads * arch.head_dim * seq_len**2)
+    return {
+        "compute_format": fmt,
+        "native_format": device.native(fmt),
+        "decode_step_ms": step * 1e3,
+        "decode_bound": "memory" if t_mem >= t_cmp else "compute",
+        "decode_tokens_per_s": batch / step,
+        "prefill_seconds": prefill_flops / peak,
+        "prefill_tokens_per_s": batch * seq_len / (prefill_flops / peak),
+        # batch where weight traffic stops dominating: 2*P*B/peak = weight_bytes/bw
+        "compute_bound_batch": math.ceil(stored_weight_bytes * peak / (2 * P * bw)),
+    }
+
+
+def plan(inp: PlanInput) -> Plan:
+    arch = inp.arch
+    recipe = inp.recipe or (Recipe(scheme=inp.scheme) if inp.scheme else None)
+    wb = weight_bytes(arch, recipe)
+    stored = wb["weight_bytes"] + wb["scale_bytes"] + wb["float_bytes"]
+    kv = kv_cache_bytes(arch, inp.seq_len, inp.batch, inp.kv_dtype)
+    act = activation_bytes(arch, inp.batch, inp.seq_len)
+    total = stored + kv + act
+    fp16 = weight_bytes(arch, None)["float_bytes"] + kv_cache_bytes(arch, inp.seq_len, inp.batch, "fp16") + act
+    usable = int(inp.device.memory_gb * 1e9 * (1 - inp.headroom))
+
+    def per_gpu(tp: int, pp: int, kv_b: int) -> int:
+        # weights and KV shard over tp x pp; KV heads cannot split finer than one head per GPU
+        kv_split = min(tp, arch.kv_heads) * pp
+        return math.ceil(stored / (tp * pp)) + math.ceil(kv_b / kv_split) + act
+
+    tp, pp = 1, 1
+    while per_gpu(tp, pp, kv) > usable and tp * pp < inp.max_gpus_per_replica:
+        if tp < 8:
+            tp *= 2
+        else:
+            pp += 1
+    gpus = tp * pp
+    need = per_gpu(tp, pp, kv)
+    fits = need <= usable
+    shortfall = max(0, need - usable)
+    s_for_roof = recipe.scheme if recipe else None
+    kv_per_tok = kv / max(inp.seq_len * inp.batch, 1)
+    roof = roofline(arch, inp.device, stored, kv_per_tok, s_for_roof, inp.batch, inp.seq_len, tp)
+    roof["pipeline_stages"] = pp
+    if inp.target_tokens_per_s:
+        replicas = math.ceil(inp.target_tokens_per_s / roof["decode_tokens_per_s"])
+    else:
+        replicas = inp.replicas or 1
+    suggestions = []
+    if not fits:
+        gpus_needed = gpus
+        while per_gpu(min(gpus_needed, 8), max(1, math.ceil(gpus_needed / 8)), kv) > usable and gpus_needed < 1024:
+            gpus_needed *= 2
+        suggestions.append(f"short by {shortfall / GIB:.2f} GiB per GPU at {gpus} GPU(s): {gpus_needed} GPUs per replica would fit")
+        if inp.kv_dtype in ("fp16", "bf16"):
+            kv8 = kv_cache_bytes(arch, inp.seq_len, inp.batch, "fp8")
+            if per_gpu(tp, pp, kv8) <= usable:
+                suggestions.append("an FP8 KV cache (--kv-dtype fp8) would fit")
+        for name in ("w8a16", "w4a16-g128", "w3a16-g64"):
+            s = Scheme.parse(name)
+            b = weight_bytes(arch, Recipe(scheme=s))
+            if sum(b.values()) < stored and math.ceil(sum(b.values()) / gpus) + math.ceil(kv / min(gpus, arch.kv_heads)) + act <= usable:
+                suggestions.append(f"fewer bits: {name} would fit on {gpus} GPU(s)")
+                break
+        lo, hi = 0, inp.seq_len
+        while lo < hi:  # longest context that fits
+            mid = (lo + hi + 1) // 2
+            if per_gpu(tp, pp, kv_cache_bytes(arch, mid, inp.batch, inp.kv_dtype)) <= usable:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo > 0:
+            suggestions.append(f"shorter context: up to {lo} tokens per sequence fits at batch {inp.batch}")
+    return Plan(
+        inputs={"model": arch.name, "scheme": recipe.scheme.name if recipe else "fp16", "device": inp.device.name,
+                "batch": inp.batch, "seq_len": inp.seq_len, "kv_dtype": inp.kv_dtype, "headroom": inp.headroom},
+        parameters=arch.parameters, components=arch.components() if not arch.params_override else {},
+        weight_bytes=wb["weight_bytes"], scale_bytes=wb["scale_bytes"], float_bytes=wb["float_bytes"],
+        kv_cache_bytes=kv, activation_bytes=act, total_bytes=total, fp16_total_bytes=fp16,
+        saved_vs_fp16_percent=100.0 * (1 - total / fp16), usable_bytes_per_gpu=usable,
+        tensor_parallel=tp, pipeline_stages=pp, gpus_per_replica=gpus, per_gpu_bytes=need, fits=fits,
+        shortfall_bytes=shortfall, replicas=replicas, fleet_gpus=replicas * gpus, roofline=roof, suggestions=suggestions,
+    )
+
+
+def decision_matrix(inp: PlanInput, schemes: list[str], quality: dict[str, float] | None = None) -> list[dict]:
+    """One row per scheme: memory, GPUs, decode/prefill throughput per GPU vs fp16, measured quality cost if known.
+
+    Roofline only: weight-only kernels also pay for dequantization, which the
+    roofline does not see and which makes them slower than this at large batch."""
+    base = plan(PlanInput(**{**inp.__dict__, "scheme": None, "recipe": None}))
+    rows = []
+    for name in ["fp16", *schemes]:
+        p = base if name == "fp16" else plan(PlanInput(**{**inp.__dict__, "scheme": Scheme.parse(name), "recipe": None}))
+        # per GPU: replicas of different sizes (fp16 on 4 GPUs, 4-bit on 1) are compared at equal fleet cost
+        per_gpu = lambda q, key: q.roofline[key] / q.gpus_per_replica  # noqa: E731
+        rows.append({
+            "scheme": name, "total_gb": p.total_bytes / 1e9, "gpus_per_replica": p.gpus_per_replica, "fits": p.fits,
+            "decode_tokens_per_s": p.roofline["decode_tokens_per_s"],
+            "decode_speedup": per_gpu(p, "decode_tokens_per_s") / per_gpu(base, "decode_tokens_per_s"),
+            "prefill_speedup": per_gpu(p, "prefill_tokens_per_s") / per_gpu(base, "prefill_tokens_per_s"),
+            "native": p.roofline["native_format"],
+            "measured_ppl_increase_percent": (quality or {}).get(name),
+        })
+    return rows
+
+
+def format_plan(p: Plan) -> str:
+    def gb(b):
+        return f"{b / 1e9:8.2f} GB" if b >= 1e9 or b == 0 else f"{b / 1e6:8.2f} MB"
+
+    i = p.inputs
+    lines = [
+        f"{i['model']}: {p.parameters / 1e9:.3f}B parameters, scheme {i['scheme']}, {i['device']}, "
+        f"batch {i['batch']} x {i['seq_len']} tokens, KV {i['kv_dtype']}",
+        f"  weights (codes)     {gb(p.weight_bytes)}",
+        f"  scales + zeros      {gb(p.scale_bytes)}",
+        f"  float parts         {gb(p.float_bytes)}",
+        f"  KV cache            {gb(p.kv_cache_bytes)}",
+        f"  activations (est.)  {gb(p.activation_bytes)}",
+        f"  total               {gb(p.total_bytes)}   ({p.saved_vs_fp16_percent:.1f}% less than fp16: {p.fp16_total_bytes / 1e9:.2f} GB)",
+        f"  per GPU             {gb(p.per_gpu_bytes)} of {p.usable_bytes_per_gpu / 1e9:.2f} GB usable "
+        f"-> {'fits' if p.fits else 'DOES NOT FIT'} with TP={p.tensor_parallel}"
+        + (f" x PP={p.pipeline_stages}" if p.pipeline_stages > 1 else ""),
+        f"  GPUs per replica {p.gpus_per_replica}, replicas {p.replicas}, fleet {p.fleet_gpus} GPUs",
+    ]
+    r = p.roofline
+    lines.append(f"  roofline: decode {r['decode_tokens_per_s']:.0f} tok/s ({r['decode_step_ms']:.2f} ms/step, {r['decode_bound']}-bound), "
+                 f"prefill {r['prefill_seconds']:.2f} s per batch, compute-bound from batch {r['compute_bound_batch']}, "
+                 f"matmuls in {r['compute_format']}{'' if r['native_format'] else ' (NOT native: runs at bf16 speed)'}")
+    lines += [f"  suggestion: {s}" for s in p.suggestions]
+    return "\n".join(lines)

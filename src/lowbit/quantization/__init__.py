@@ -1,0 +1,1 @@
+"""The one quantize job: source -> recipe -> calibration -> blocks -> sink; runner, streaming, pre-flight."""

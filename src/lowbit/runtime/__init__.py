@@ -1,0 +1,1 @@
+"""Running quantized models: QuantLinear, kernels, decode loop, attention, KV cache, generation."""

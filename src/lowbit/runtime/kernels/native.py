@@ -1,0 +1,176 @@
+"""lowbit's own AVX-512 kernels (csrc/lowbit_cpu.cpp), compiled on first use.
+
+PyTorch's int4pack kernel reaches a fraction of the memory roof at batch 1; these
+unpack nibbles in registers next to a bf16 dot-product instruction (vdpbf16ps) and
+read each weight byte once. They need a C++ compiler and a CPU with AVX512-BF16; where
+either is missing `available()` is False and dispatch falls back to PyTorch's kernels.
+The build (about a minute, once) lands in torch's extension cache.
+
+Numerics: codes and activations are exact in bf16, products are summed in fp32 and the
+group scale is applied in fp32, so the only roundings are fp32 sums and the bf16
+output; the reference path rounds the dequantized weight to bf16 first.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from lowbit.core.tensor import QuantizedTensor
+
+SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
+NAME = "lowbit_cpu"  # torch's extension cache rebuilds it when SOURCE changes
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@lru_cache(maxsize=1)
+def module():
+    """The compiled extension, or None (no compiler, no AVX512-BF16, or LOWBIT_NATIVE_KERNELS=0)."""
+    if os.environ.get("LOWBIT_NATIVE_KERNELS", "1") == "0" or sys.platform != "linux":
+        return None
+    if not set(CPU_FLAGS) <= _cpu_flags():
+        return None
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+
+        if not any(Path(_get_build_directory(NAME, verbose=False)).glob("*.so")):
+            print("lowbit: compiling its CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
+        return load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # a missing compiler must not break inference: PyTorch's kernels remain
+        warnings.warn(f"lowbit: native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "using PyTorch's packed kernels", stacklevel=2)
+        return None
+
+
+def available() -> bool:
+    return module() is not None
+
+
+# ---- int4: every <= 4-bit integer scheme; groups of any multiple of 32 -------------
+
+def _group_size(qt: QuantizedTensor) -> int:
+    s = qt.scheme
+    return s.group_size if s.granularity == "group" else qt.shape[-1]
+
+
+def int4_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> bool:
+    s = qt.scheme
+    if not (device.type == "cpu" and dtype == torch.bfloat16 and s.number_format.kind == "int" and s.bits <= 4
+            and s.granularity in ("group", "channel") and len(qt.shape) == 2):
+        return False
+    k, g = qt.shape[1], _group_size(qt)
+    return k % 64 == 0 and k % g == 0 and g % 32 == 0 and available()
+
+
+TILE = 4  # weight rows interleaved per tile (csrc/lowbit_cpu.cpp)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [n, k] (values < 16) -> the kernel's tiled layout, flat uint8.
+
+    Rows are padded to a multiple of 4 and grouped in tiles of 4. Per tile: for each
+    128-column chunk, 4 rows x 64 bytes, the row's 16-bit word l = col l | col l+32 << 4 |
+    col l+64 << 8 | col l+96 << 12 (little endian); then, if k % 128 == 64, 4 rows x 32
+    bytes, byte j = col j | col j+32 << 4."""
+    k = codes.shape[1]
+    c = _pad_rows(codes.to(torch.uint8))
+    n_pad = c.shape[0]
+    k128 = k - k % 128
+    main = c[:, :k128].reshape(n_pad, k128 // 128, 4, 32)
+    words = torch.stack([main[:, :, 0] | (main[:, :, 1] << 4), main[:, :, 2] | (main[:, :, 3] << 4)], dim=-1)
+    tiles = [words.reshape(n_pad // TILE, TILE, k128 // 128, 64).transpose(1, 2).reshape(n_pad // TILE, -1)]
+    if k % 128:
+        tail = c[:, k128:].reshape(n_pad, 2, 32)
+        tiles.append((tail[:, 0] | (tail[:, 1] << 4)).reshape(n_pad // TILE, TILE * 32))
+    return torch.cat(tiles, dim=1).reshape(-1).contiguous()
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    n = t.shape[0]
+    n_pad = -(-n // TILE) * TILE
+    return torch.cat([t, t.new_zeros(n_pad - n, *t.shape[1:])]).contiguous() if n_pad != n else t.contiguous()
+
+
+def _scale_tensor(t: torch.Tensor) -> torch.Tensor:
+    """fp16 when that is exact (the usual stored dtype: half the bytes), else fp32."""
+    t = t.float()
+    h = t.half()
+    return h.contiguous() if torch.equal(h.float(), t) else t.contiguous()
+
+
+def int4_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
+    s = qt.scheme
+    scale = qt.scales()
+    z = qt.zero_points()
+    if z is None:  # symmetric: codes are v + 2^(b-1)
+        mode, zero, zconst = 0, torch.empty(0), float(1 << (s.bits - 1))
+    elif s.float_zero:  # w = scale * code + offset
+        mode, zero, zconst = 2, z, 0.0
+    else:  # w = scale * (code - z)
+        mode, zero, zconst = 1, z.to(torch.uint8).contiguous(), 0.0
+    scale = _scale_tensor(scale)
+    if mode == 2:
+        zero = zero.to(scale.dtype).contiguous()
+        if not torch.equal(zero.float(), z):  # offsets not exact in fp16: keep both in fp32
+            scale, zero = qt.scales().contiguous(), z.contiguous()
+    return {"codes": pack_int4(qt.unpacked_codes()), "scale": _pad_rows(scale),
+            "zero": _pad_rows(zero) if mode else zero, "mode": mode, "zconst": zconst,
+            "group": _group_size(qt), "n": qt.shape[0]}
+
+
+GEMV_MAX_ROWS = 16     # up to this many activation rows: the fused GEMV kernel (measured crossover ~20)
+PREFILL_BLOCK = 1 << 21  # beyond: dequantize ~2 MB of bf16 rows at a time (cache-resident), bf16 GEMM
+
+
+def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    args = (st["codes"], st["scale"], st["zero"])
+    n, k = st["n"], x2.shape[1]
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        y = module().int4_mm(x2, *args, n, st["group"], st["mode"], st["zconst"])
+    else:  # compute-bound: the weight read is amortized over the rows, a bf16 GEMM does the work
+        y = x2.new_empty(x2.shape[0], n)
+        rows = max(TILE, PREFILL_BLOCK // (2 * k) // TILE * TILE)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            w = module().int4_dequant(*args, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // TILE) * TILE)
+            y[:, r0:r1] = x2 @ w[: r1 - r0].t()
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---- int8: symmetric per-channel ---------------------------------------------------
+
+def int8_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> bool:
+    s = qt.scheme
+    # measured: faster than int8pack on rows up to ~2k columns (the embedded model, its
+    # 49152 x 576 head: 1.6 vs 2.7 ms); int8pack wins on 4096-wide rows, so it keeps those
+    return (device.type == "cpu" and dtype == torch.bfloat16 and s.format == "int8" and s.symmetric
+            and s.granularity == "channel" and len(qt.shape) == 2 and qt.shape[1] % 64 == 0
+            and qt.shape[1] <= 2048 and available())
+
+
+def int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
+    from lowbit.runtime.kernels.cpu import int8_codes
+
+    return {"w": int8_codes(qt), "scale": qt.scales()[:, 0].contiguous(), "n": qt.shape[0]}  # fp32 scales
+
+
+def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return module().int8_mm(x2, st["w"], st["scale"]).reshape(*x.shape[:-1], st["n"])
