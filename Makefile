@@ -8,6 +8,7 @@ demo: setup
 	.venv/bin/lowbit demo
 
 test: setup
+	.venv/bin/ruff check src tests benchmarks scripts
 	.venv/bin/python -m pytest -m "not slow" -q
 
 test-slow: setup  # exit 5 = no test is marked slow yet: not a failure

@@ -31,6 +31,9 @@ SHAPES = {
     # a ~1.2B Llama shape (TinyLlama's blocks: 22 x (2048, 5632), GQA 32/4; the embedded tokenizer's 49152 vocab)
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=49152),
+    # ~0.2B, for the default test suite: the pre-flight held to a measured run in seconds
+    "200m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=49152),
 }
 
 
@@ -119,11 +122,12 @@ def _hwm_bytes(pid: int) -> int:
     return 0
 
 
-def run(argv: list[str]) -> dict:
-    """Run `lowbit quantize` as a child; its peak RSS, wall time and the pre-flight line it printed."""
+def run(argv: list[str], python: str | None = None) -> dict:
+    """Run `lowbit quantize` as a child (or, with `python`, that Python code: the API); its peak
+    RSS, wall time and the pre-flight line it printed."""
     t0 = time.time()
-    p = subprocess.Popen([sys.executable, "-m", "lowbit", "--quiet", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    cmd = [sys.executable, "-c", python] if python else [sys.executable, "-m", "lowbit", "--quiet", *argv]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while p.poll() is None:  # sampled every 50 ms; VmHWM only grows, so a late sample holds every earlier peak
         peak = max(peak, _hwm_bytes(p.pid))
@@ -131,7 +135,7 @@ def run(argv: list[str]) -> dict:
     out, err = p.stdout.read(), p.stderr.read()
     wall = time.time() - t0
     if p.returncode != 0:
-        raise SystemExit(f"lowbit {' '.join(argv)} failed ({p.returncode}): {err[-2000:]}")
+        raise SystemExit(f"lowbit {' '.join(argv) or python} failed ({p.returncode}): {err[-2000:]}")
     m = re.search(r"peak RAM ([\d.]+) GB .*?disk ([\d.]+) GB .*?time (\d+)s", out)
     return {"peak_rss_gb": peak / 1e9, "seconds": wall,
             "predicted_peak_gb": float(m.group(1)), "predicted_disk_gb": float(m.group(2)),

@@ -27,3 +27,18 @@ def wiki_windows(embedded):
 @pytest.fixture
 def fresh_model(embedded):
     return copy.deepcopy(embedded[0])
+
+
+@pytest.fixture(scope="session")
+def bigmodel_bench():
+    """benchmarks/bigmodel.py as a module: synthetic Llama checkpoints and measured child runs."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bigmodel.py"
+    spec = importlib.util.spec_from_file_location("bigmodel", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bigmodel"] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -6,10 +6,9 @@ import copy
 import pytest
 import torch
 
-from lowbit.api import make_recipe
+from lowbit.api import make_recipe, quantize
 from lowbit.core.scheme import Scheme
 from lowbit.errors import UserError
-from lowbit.quantization.job import quantize_model
 from lowbit.runtime.decode import Decoder
 from lowbit.runtime.generate import decode_engine, generate
 
@@ -67,7 +66,7 @@ def test_decoder_runs_the_quantized_kernels(embedded, wiki_windows):
     base, _ = embedded
     recipe = make_recipe("w4a16-g64", "rtn")
     recipe.overrides["lm_head"] = Scheme.parse("w8a16")
-    q = quantize_model(copy.deepcopy(base), recipe, progress=False, float_dtype=torch.bfloat16).model.to(torch.bfloat16)
+    q = quantize(copy.deepcopy(base), recipe=recipe, progress=False, float_dtype=torch.bfloat16).model.to(torch.bfloat16)
     ids = wiki_windows[1][:1, :48]
     with torch.no_grad():
         ref = torch.log_softmax(q(ids).logits[0].float(), -1)

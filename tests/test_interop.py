@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.api import make_recipe
+from lowbit.api import make_recipe, quantize
 from lowbit.core.scheme import Scheme
 from lowbit.core.tensor import quantize_tensor
 from lowbit.errors import UserError
-from lowbit.quantization.job import quantize_model
 from lowbit.runtime.qlinear import QuantLinear, quantized_modules
 
 T = gguf.GGMLQuantizationType
@@ -24,7 +23,7 @@ def prompt_ids(embedded):
 
 def _rtn(embedded, scheme):
     model = copy.deepcopy(embedded[0])
-    return quantize_model(model, make_recipe(scheme, "rtn"), None, progress=False).model
+    return quantize(model, recipe=make_recipe(scheme, "rtn"), progress=False).model
 
 
 def _logits(model, ids):

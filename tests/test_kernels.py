@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lowbit import quantize_tensor
+from lowbit.core.layer import QuantizedLayer
 from lowbit.runtime.kernels import KERNELS, native, select
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -79,7 +80,7 @@ def test_unsupported_layouts_fall_back_to_reference(name):
     w = torch.randn(64, 576)
     qt = quantize_tensor(w, name)
     assert select(qt, torch.bfloat16, torch.device("cpu")) is None
-    m = QuantLinear(qt)
+    m = QuantLinear(QuantizedLayer(qt))
     x = torch.randn(3, 576, dtype=torch.bfloat16)
     assert torch.equal(m(x), m.forward_reference(x))
     assert m.kernel_name == "reference"
@@ -89,7 +90,7 @@ def test_quantlinear_dispatch_and_bias():
     torch.manual_seed(0)
     qt = quantize_tensor(torch.randn(192, 576), "int4-g64-asym")
     bias = torch.randn(192)
-    m = QuantLinear(qt, bias)
+    m = QuantLinear(QuantizedLayer(qt), bias)
     assert m.kernel_name == ("lowbit-int4" if NATIVE else "int4pack")
     x = torch.randn(2, 5, 576)
     torch.testing.assert_close(m(x), m.forward_reference(x))  # fp32: the reference path itself
@@ -101,5 +102,5 @@ def test_quantlinear_dispatch_and_bias():
 
 def test_model_dtype_cast_leaves_scales_alone():
     qt = quantize_tensor(torch.randn(64, 576), "int4-g64")
-    m = QuantLinear(qt).to(torch.bfloat16)
+    m = QuantLinear(QuantizedLayer(qt)).to(torch.bfloat16)
     assert m.qweight.scale.dtype == torch.float16 and torch.equal(m.qweight.scale, qt.scale)

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from lowbit.api import make_recipe
+from lowbit.api import make_recipe, quantize
+from lowbit.core.layer import QuantizedLayer
 from lowbit.core.method import Method
 from lowbit.errors import UserError
 from lowbit.evaluate.quality import evaluate_many
 from lowbit.io.lowbit_dir import load_quantized, save_quantized
-from lowbit.quantization.job import MethodOptions, quantize_model
+from lowbit.quantization.job import MethodOptions
 from lowbit.runtime.qlinear import QuantLinear
 
 
@@ -96,7 +97,7 @@ def test_awq_beats_rtn_at_w3_g64(embedded, wiki_windows):
     models = {}
     for method in ("rtn", "awq"):
         recipe = make_recipe("w3a16-g64", method, include=FIRST_BLOCKS)
-        models[method] = quantize_model(copy.deepcopy(base), recipe, calib, progress=False).model
+        models[method] = quantize(copy.deepcopy(base), recipe=recipe, calib_ids=calib, progress=False).model
     kl = _kl(models, base, held_out)
     assert kl["awq"] < 0.8 * kl["rtn"]
 
@@ -106,7 +107,7 @@ def test_smoothquant_w8a8_beats_naive_w8a8(embedded, wiki_windows, tmp_path):
     calib, held_out = wiki_windows
     models, results = {}, {}
     for method in ("rtn", "smoothquant"):
-        results[method] = quantize_model(copy.deepcopy(base), make_recipe("w8a8", method), calib, progress=False)
+        results[method] = quantize(copy.deepcopy(base), recipe=make_recipe("w8a8", method), calib_ids=calib, progress=False)
         models[method] = results[method].model
     kl = _kl(models, base, held_out)
     assert kl["smoothquant"] < 0.75 * kl["rtn"]
@@ -117,7 +118,7 @@ def test_smoothquant_w8a8_beats_naive_w8a8(embedded, wiki_windows, tmp_path):
 def test_rotation_makes_w4a4_usable(embedded, wiki_windows):
     base, _ = embedded
     calib, held_out = wiki_windows
-    models = {m: quantize_model(copy.deepcopy(base), make_recipe("w4a4", m), calib, progress=False).model
+    models = {m: quantize(copy.deepcopy(base), recipe=make_recipe("w4a4", m), calib_ids=calib, progress=False).model
               for m in ("rtn", "rotate")}
     kl = _kl(models, base, held_out)
     assert kl["rotate"] < 0.6 * kl["rtn"]
@@ -128,7 +129,7 @@ def test_static_w8a8_and_rotation_and_outlier_split_survive_save_and_reload(embe
     calib, held_out = wiki_windows
     ids = held_out[:1, :64]
     for i, (method, scheme) in enumerate([("smoothquant", "w8a8-static"), ("rotate", "w4a8"), ("outlier-split", "w8a8")]):
-        res = quantize_model(copy.deepcopy(base), make_recipe(scheme, method), calib[:4], progress=False)
+        res = quantize(copy.deepcopy(base), recipe=make_recipe(scheme, method), calib_ids=calib[:4], progress=False)
         out = save_quantized(res.model, tok, tmp_path / str(i), res.info)
         back, _, meta = load_quantized(out)
         assert torch.equal(_logits(back, ids), _logits(res.model, ids)), method
@@ -154,8 +155,8 @@ def test_outlier_split_keeps_float_channels_out_of_activation_rounding():
     w0 = w.clone()
     w0[:, cols] = 0
     scheme = Scheme.parse("w8a8")
-    split = QuantLinear(quantize_tensor(w0, scheme), float_cols=cols, float_weight=w[:, cols])
-    plain = QuantLinear(quantize_tensor(w, scheme))
+    split = QuantLinear(QuantizedLayer(quantize_tensor(w0, scheme), float_cols=cols, float_weight=w[:, cols]))
+    plain = QuantLinear(QuantizedLayer(quantize_tensor(w, scheme)))
     ref = x @ w.T
     err_split = (split(x) - ref).norm() / ref.norm()
     err_plain = (plain(x) - ref).norm() / ref.norm()
@@ -173,7 +174,7 @@ def test_mixed_precision_at_3_5_bits_beats_uniform_3_bit(embedded, wiki_windows)
     assert info["average_bits"] <= 3.5 + 1e-9 and info["average_bits"] > 3.3
     assert set(info["layers_per_bits"]) == {3, 4} and all(v > 0 for v in info["layers_per_bits"].values())
     assert len(mixed.overrides) == 4 * 7 and info["predicted_kl"] < info["predicted_kl_uniform"][3]
-    models = {name: quantize_model(copy.deepcopy(base), r, None, progress=False).model
+    models = {name: quantize(copy.deepcopy(base), recipe=r, progress=False).model
               for name, r in (("uniform", uniform), ("mixed", mixed))}
     kl = _kl(models, base, held_out)
     assert kl["mixed"] < kl["uniform"]
@@ -204,10 +205,9 @@ def test_qat_lowers_the_distillation_loss_and_exports_codes():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 128, (8, 32))
-    rtn = quantize_model(copy.deepcopy(model), make_recipe("w3a16-g32-asym", "rtn"), None, progress=False, float_dtype=torch.float32)
+    rtn = quantize(copy.deepcopy(model), recipe=make_recipe("w3a16-g32-asym", "rtn"), progress=False, float_dtype=torch.float32)
     opts = MethodOptions(qat=QATOptions(steps=30, batch_size=8, seq_len=32, lr=1e-3, scale_lr=1e-2))
-    qat = quantize_model(copy.deepcopy(model), make_recipe("w3a16-g32-asym", "qat"), ids, progress=False,
-                         method_options=opts, float_dtype=torch.float32)
+    qat = quantize(copy.deepcopy(model), recipe=make_recipe("w3a16-g32-asym", "qat"), calib_ids=ids, progress=False, method_options=opts, float_dtype=torch.float32)
     info = qat.info["qat"]
     assert info["loss_last"] < 0.7 * info["loss_first"] and info["codes_changed_fraction"] > 0
     kl = _kl({"rtn": rtn.model, "qat": qat.model}, model, ids)
@@ -215,8 +215,7 @@ def test_qat_lowers_the_distillation_loss_and_exports_codes():
     assert isinstance(qat.model.model.layers[0].mlp.up_proj, QuantLinear)
     # activation-quantizing schemes train through rounded inputs, a static one with its calibrated scale
     opts.qat.steps = 2
-    static = quantize_model(copy.deepcopy(model), make_recipe("w8a8-static", "qat"), ids, progress=False,
-                            method_options=opts, float_dtype=torch.float32)
+    static = quantize(copy.deepcopy(model), recipe=make_recipe("w8a8-static", "qat"), calib_ids=ids, progress=False, method_options=opts, float_dtype=torch.float32)
     assert float(static.model.model.layers[0].mlp.down_proj.act_scale) > 0
 
 
@@ -244,7 +243,7 @@ def test_kv_cache_quantization_costs_little_and_its_bytes_match_the_planner(embe
 
 # ---- parsing -------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,name", [("awq", "awq"), ("GPTQ+awq", "awq+gptq"), ("rotate+gptq", "rotate+gptq"),
+@pytest.mark.parametrize("text,name", [("awq", "awq"), ("AWQ+GPTQ", "awq+gptq"), ("rotate+gptq", "rotate+gptq"),
                                        ("outlier-split", "outlier-split"), ("smoothquant+gptq", "smoothquant+gptq"),
                                        ("qat", "qat"), ("rtn", "rtn")])
 def test_method_names_parse_to_canonical_form(text, name):
@@ -252,7 +251,8 @@ def test_method_names_parse_to_canonical_form(text, name):
 
 
 @pytest.mark.parametrize("text,msg", [("awq+smoothquant", "pick one"), ("gptq+qat", "two quantizers"),
-                                      ("rotate+awq", "rotate already"), ("hqq", "unknown method"), ("", "unknown method")])
+                                      ("rotate+awq", "rotate already"), ("hqq", "unknown method"), ("", "unknown method"),
+                                      ("gptq+awq", "write it as")])
 def test_bad_method_names_are_one_line_errors(text, msg):
     with pytest.raises(UserError, match=msg):
         Method.parse(text)
@@ -306,7 +306,7 @@ def test_exports_refuse_what_their_loaders_would_drop(tmp_path):
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                       num_key_value_heads=2, num_hidden_layers=1)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    res = quantize_model(model, make_recipe("w8a8", "rtn"), None, progress=False)
+    res = quantize(model, recipe=make_recipe("w8a8", "rtn"), progress=False)
     for fmt in ("compressed-tensors", "gptq", "gguf"):
         with pytest.raises(UserError, match="quantizes its activations"):
             export_model(res.model, None, fmt, tmp_path / fmt)

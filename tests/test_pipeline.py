@@ -4,11 +4,10 @@ import json
 import pytest
 import torch
 
-from lowbit.api import make_recipe
+from lowbit.api import make_recipe, quantize
 from lowbit.evaluate.quality import evaluate_many
 from lowbit.io.files import read_safetensors
 from lowbit.io.lowbit_dir import load_quantized, save_quantized
-from lowbit.quantization.job import quantize_model
 from lowbit.runtime.qlinear import QuantLinear, model_bytes
 
 
@@ -18,8 +17,8 @@ def test_gptq_beats_rtn_on_held_out_text(embedded, wiki_windows, scheme):
 
     base, _ = embedded
     calib, held_out = wiki_windows
-    rtn = quantize_model(copy.deepcopy(base), make_recipe(scheme, "rtn"), progress=False).model
-    gptq = quantize_model(copy.deepcopy(base), make_recipe(scheme, "gptq"), calib, progress=False).model
+    rtn = quantize(copy.deepcopy(base), recipe=make_recipe(scheme, "rtn"), progress=False).model
+    gptq = quantize(copy.deepcopy(base), recipe=make_recipe(scheme, "gptq"), calib_ids=calib, progress=False).model
     m = evaluate_many({"float": base, "rtn": rtn, "gptq": gptq}, held_out, base, progress=False)
     assert m["float"]["perplexity"] < m["gptq"]["perplexity"] < m["rtn"]["perplexity"]
     assert m["gptq"]["kl_divergence"] < m["rtn"]["kl_divergence"]
@@ -30,7 +29,7 @@ def test_gptq_beats_rtn_on_held_out_text(embedded, wiki_windows, scheme):
 def test_reload_reproduces_logits_and_bytes(fresh_model, embedded, wiki_windows, tmp_path):
     _, tok = embedded
     _, held_out = wiki_windows
-    res = quantize_model(fresh_model, make_recipe("w4a16-g64-asym", "rtn"), progress=False)
+    res = quantize(fresh_model, recipe=make_recipe("w4a16-g64-asym", "rtn"), progress=False)
     model = res.model
     qmods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(qmods) == 30 * 7  # every projection of every block; lm_head / embeddings stay float
@@ -51,9 +50,9 @@ def test_reload_reproduces_logits_and_bytes(fresh_model, embedded, wiki_windows,
 
 def test_quantized_weights_match_fake_quant_used_in_calibration(fresh_model, wiki_windows):
     calib, _ = wiki_windows
-    res = quantize_model(fresh_model, make_recipe("w4a16-g64", "gptq"), calib[:2, :64], progress=False)
+    res = quantize(fresh_model, recipe=make_recipe("w4a16-g64", "gptq"), calib_ids=calib[:2, :64], progress=False)
     name = "model.layers.3.mlp.down_proj"
-    qt = res.qtensors[name]
+    qt = res.layers[name].weight
     mod = res.model.get_submodule(name)
     assert torch.equal(mod.qweight.dequantize(), qt.dequantize())
     assert qt.scale.shape == (576, 1536 // 64)
@@ -61,8 +60,8 @@ def test_quantized_weights_match_fake_quant_used_in_calibration(fresh_model, wik
 
 def test_recipe_patterns_select_modules(fresh_model):
     recipe = make_recipe("w8a16", "rtn", exclude=["lm_head", "*embed*", "*.mlp.*"])
-    res = quantize_model(fresh_model, recipe, progress=False)
-    names = set(res.qtensors)
+    res = quantize(fresh_model, recipe=recipe, progress=False)
+    names = set(res.layers)
     assert all(".self_attn." in n for n in names) and len(names) == 30 * 4
 
 
@@ -85,10 +84,10 @@ def test_other_families_quantize_and_reload(family, tmp_path):
     ids = torch.randint(0, 128, (4, 32))
     with torch.no_grad():
         ref = model(ids).logits
-    res = quantize_model(model, make_recipe("w8a16", "gptq"), ids, progress=False, float_dtype=torch.float32)
+    res = quantize(model, recipe=make_recipe("w8a16", "gptq"), calib_ids=ids, progress=False, float_dtype=torch.float32)
     with torch.no_grad():
         out = res.model(ids).logits
-    assert len(res.qtensors) >= 4 * 2
+    assert len(res.layers) >= 4 * 2
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # 8-bit: close to float
     save_quantized(res.model, None, tmp_path / family, res.info, float_dtype=torch.float32)
     back, tok, _ = load_quantized(tmp_path / family)
@@ -127,7 +126,7 @@ def test_eval_json_cli(tmp_path, embedded):
     (["quantize", "/no/such/model", "--out", "x"], "not found"),
     (["eval", "smollm2-135m", "--text", "/no/such.txt"], "neither 'wiki' nor an existing file"),
     (["quantize", "smollm2-135m", "--out", "/proc/lowbit-out"], "not writable"),
-    (["quantize", "smollm2-135m", "--method", "rtn", "--out", "/etc"], "not a lowbit output"),
+    (["quantize", "smollm2-135m", "--method", "rtn", "--out", "/etc"], "was not written by lowbit"),
     (["quantize", "smollm2-135m", "--out", "x", "--format", "gguf"], "--format needs --export-out"),
     (["export", "smollm2-135m", "--format", "gptq", "--out", "x"], "reads a lowbit output"),
     (["import", "/etc", "--out", "x"], "not a GGUF file"),

@@ -64,14 +64,13 @@ def test_fp8_is_native_only_on_hopper_and_newer():
 def test_prediction_equals_saved_bytes_exactly(tmp_path, embedded):
     import copy
 
-    from lowbit.api import make_recipe
+    from lowbit.api import make_recipe, quantize
     from lowbit.io.files import read_safetensors
     from lowbit.io.lowbit_dir import save_quantized
-    from lowbit.quantization.job import quantize_model
 
     model, tok = embedded
     for scheme in ["w4a16-g128-asym", "w3a16-g64"]:  # 576 = 4 x 128 + 64: a short last group
-        res = quantize_model(copy.deepcopy(model), make_recipe(scheme, "rtn"), progress=False)
+        res = quantize(copy.deepcopy(model), recipe=make_recipe(scheme, "rtn"), progress=False)
         out = save_quantized(res.model, tok, tmp_path / scheme, res.info)
         tensors, _ = read_safetensors(out / "model.safetensors")
         saved = sum(t.numel() * t.element_size() for t in tensors.values())

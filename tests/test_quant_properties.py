@@ -274,3 +274,13 @@ def test_quantizing_a_slice_of_rows_at_a_time_changes_nothing(monkeypatch, name)
     assert torch.equal(sliced.dequantize(), whole.dequantize().contiguous())
     monkeypatch.setattr(T, "CHUNK_ELEMENTS", 1 << 22)
     assert torch.equal(sliced.dequantize(), whole.dequantize())
+
+
+def test_scales_beyond_fp16_are_an_error_naming_the_tensor_never_nan():
+    # issue finding 7: 5e5 / 7 overflows an fp16 scale; the dequantized tensor used to be all NaN
+    import dataclasses
+
+    with pytest.raises(SchemeError, match="blk.0.w: values up to 5e"):
+        quantize_tensor(torch.full((64, 64), 5e5), "int4-g64", name="blk.0.w")
+    wide = dataclasses.replace(Scheme.parse("int4-g64"), scale_dtype="float32")
+    assert torch.isfinite(quantize_tensor(torch.full((64, 64), 5e5), wide).dequantize()).all()

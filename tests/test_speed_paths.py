@@ -7,10 +7,9 @@ import sys
 
 import torch
 
-from lowbit.api import make_recipe
+from lowbit.api import make_recipe, quantize
 from lowbit.core.scheme import Scheme
 from lowbit.evaluate.bench import gemv_bench
-from lowbit.quantization.job import quantize_model
 from lowbit.runtime.generate import generate
 from lowbit.runtime.kernels import native
 from lowbit.runtime.qlinear import QuantLinear
@@ -20,7 +19,7 @@ def test_kernel_model_agrees_with_reference_model(embedded, wiki_windows):
     base, _ = embedded
     recipe = make_recipe("w4a16-g64-asym", "rtn")
     recipe.overrides["lm_head"] = Scheme.parse("w8a16")
-    q = quantize_model(copy.deepcopy(base), recipe, progress=False, float_dtype=torch.bfloat16).model
+    q = quantize(copy.deepcopy(base), recipe=recipe, progress=False, float_dtype=torch.bfloat16).model
     assert not q.config.tie_word_embeddings  # the head is its own int8 tensor now
     fast = q.to(torch.bfloat16)
     kinds = {m.kernel_name for m in fast.modules() if isinstance(m, QuantLinear)}

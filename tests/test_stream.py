@@ -13,7 +13,7 @@ import torch
 
 from lowbit.api import make_recipe, quantize
 from lowbit.io.lowbit_dir import load_quantized
-from lowbit.quantization.stream import StreamOptions, stream_quantize, work_dir
+from lowbit.quantization.stream import work_dir
 
 
 def _cli(*argv, env=None, preexec_fn=None, timeout=600):
@@ -49,11 +49,10 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_streamed_gptq_equals_in_memory(tiny, tmp_path):
     recipe = make_recipe("w4a16-g32", "gptq")
-    opts = StreamOptions(samples=4, seq_len=32, progress=False)  # the in-memory path's batches (8)
-    info = stream_quantize(str(tiny), recipe, tmp_path / "s", opts)
+    info = quantize(str(tiny), recipe=recipe, out=tmp_path / "s", samples=4, seq_len=32, progress=False).info
     assert info["resumed_from_block"] == 0 and not work_dir(tmp_path / "s").exists()
     streamed, _, meta = load_quantized(tmp_path / "s")
-    ref = quantize(str(tiny), recipe=recipe, samples=4, seq_len=32, progress=False).model.float()
+    ref = quantize(str(tiny), recipe=recipe, samples=4, seq_len=32, progress=False, stream=False).model.float()
     ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, ref(ids).logits)
@@ -65,7 +64,7 @@ def test_streamed_gptq_equals_in_memory(tiny, tmp_path):
 
 def test_source_is_never_modified(tiny, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()}
-    stream_quantize(str(tiny), make_recipe("w8a16", "rtn"), tmp_path / "o", StreamOptions(progress=False))
+    quantize(str(tiny), recipe=make_recipe("w8a16", "rtn"), out=tmp_path / "o", progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()} == before
 
 
@@ -147,12 +146,12 @@ def test_sigkill_between_any_two_writes_then_resume(tiny, tmp_path, kill_at):
 
 def test_a_different_command_does_not_resume_stale_work(tiny, tmp_path):
     out = tmp_path / "o"
-    opts = StreamOptions(samples=4, seq_len=32, batch_size=2, progress=False)
-    stream_quantize(str(tiny), make_recipe("w4a16-g32", "gptq"), out, opts)
+    opts = dict(samples=4, seq_len=32, batch_size=2, progress=False)
+    quantize(str(tiny), recipe=make_recipe("w4a16-g32", "gptq"), out=out, **opts)
     w = work_dir(out)
     w.mkdir()
     (w / "progress.json").write_text(json.dumps({"fingerprint": "other job", "done": 2, "blocks": {}}))
-    info = stream_quantize(str(tiny), make_recipe("w4a16-g32", "gptq"), out, opts)
+    info = quantize(str(tiny), recipe=make_recipe("w4a16-g32", "gptq"), out=out, **opts).info
     assert info["resumed_from_block"] == 0
 
 
@@ -170,9 +169,9 @@ def test_two_process_calibration_equals_one_process(tiny, tmp_path):
 
 def test_same_inputs_same_bytes(tiny, tmp_path):
     recipe = make_recipe("w4a16-g32", "awq+gptq")
-    opts = StreamOptions(samples=4, seq_len=32, batch_size=2, progress=False)
-    stream_quantize(str(tiny), recipe, tmp_path / "a", opts)
-    stream_quantize(str(tiny), recipe, tmp_path / "b", opts)
+    opts = dict(samples=4, seq_len=32, batch_size=2, progress=False)
+    quantize(str(tiny), recipe=recipe, out=tmp_path / "a", **opts)
+    quantize(str(tiny), recipe=recipe, out=tmp_path / "b", **opts)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
@@ -191,11 +190,12 @@ def test_refuses_a_job_that_cannot_fit(tiny, tmp_path, monkeypatch):
 
     class Tiny:
         available = 1  # a machine with (almost) no free memory
+        total = 1 << 40
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
     monkeypatch.setattr(psutil.Process, "memory_info", lambda self: type("M", (), {"rss": 1})())
     with pytest.raises(UserError, match="predicted peak RAM"):
-        stream_quantize(str(tiny), make_recipe("w4a16-g32", "gptq"), tmp_path / "o",
-                        StreamOptions(samples=4, seq_len=32, progress=False))
+        quantize(str(tiny), recipe=make_recipe("w4a16-g32", "gptq"), out=tmp_path / "o", samples=4, seq_len=32,
+                 progress=False)
     assert not (tmp_path / "o").exists()
 
 

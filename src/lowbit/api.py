@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lowbit.core.method import Method
 from lowbit.core.scheme import Recipe, Scheme
-from lowbit.io.lowbit_dir import check_output_dir, load_quantized, save_quantized
-from lowbit.io.text import check_text_source, text_windows
+from lowbit.io.lowbit_dir import load_quantized
 from lowbit.models.load import load_float, resolve_source
-from lowbit.quantization.job import GPTQOptions, MethodOptions, QuantizeResult, quantize_model
+from lowbit.quantization.job import Calibration, GPTQOptions, MethodOptions, QuantizeJob, QuantizeResult, run
 
 
 def load(source: str, dtype: torch.dtype = torch.float32):
@@ -38,28 +38,20 @@ def make_recipe(scheme: str | Scheme, method: str = "gptq", include: list[str] |
     return recipe
 
 
-def quantize(model: str, scheme: str | Scheme = "w4a16-g64", method: str = "gptq", *, calib: str = "wiki",
-             text_field: str = "text", samples: int = 128, seq_len: int = 512, seed: int = 0,
+def quantize(model: str | nn.Module, scheme: str | Scheme = "w4a16-g64", method: str = "gptq", *, calib: str = "wiki",
+             text_field: str = "text", samples: int = 128, seq_len: int = 512, seed: int = 0, batch_size: int = 8,
              out: str | None = None, include: list[str] | None = None, exclude: list[str] | None = None,
              gptq_options: GPTQOptions | None = None, method_options: MethodOptions | None = None,
-             recipe: Recipe | None = None, progress: bool = True, extra_info: dict | None = None) -> QuantizeResult:
-    """Quantize a model source; save it to `out` if given. Returns the QuantizeResult
-    (its .model is ready to run, .info has the recipe, bytes and timing)."""
+             recipe: Recipe | None = None, progress: bool = True, extra_info: dict | None = None,
+             stream: bool | None = None, dry_run: bool = False, tokenizer=None, calib_ids: torch.Tensor | None = None,
+             float_dtype: torch.dtype = torch.float16, trust_remote_code: bool = False) -> QuantizeResult | None:
+    """Quantize a model source (or a float model object with its `tokenizer`); save it to `out`
+    if given. With an `out`, a checkpoint directory or the embedded model is streamed block
+    by block and resumes after a kill, exactly as `lowbit quantize` does (`stream=False`
+    holds it in memory). Returns the QuantizeResult: .model ready to run, .info with the
+    recipe, bytes and timing (None after `dry_run`)."""
     recipe = recipe or make_recipe(scheme, method, include, exclude)
-    needs_calib = Method.parse(recipe.method).needs_calibration(recipe.scheme)
-    if needs_calib:
-        check_text_source(calib)
-    if out:
-        check_output_dir(out)  # before hours of work, not after
-    torch.manual_seed(seed)
-    fmodel, tok = load_float(model)
-    calib_ids = None
-    if needs_calib:
-        calib_ids, _ = text_windows(tok, calib, text_field, seq_len, calib_samples=samples, seed=seed)
-    res = quantize_model(fmodel, recipe, calib_ids, gptq_options=gptq_options, method_options=method_options,
-                         progress=progress)
-    res.info.update({"source": model, "calib": calib if needs_calib else None, "seed": seed, **(extra_info or {})})
-    res.tokenizer = tok
-    if out:
-        save_quantized(res.model, tok, out, res.info)
-    return res
+    job = QuantizeJob(recipe, Calibration(calib, text_field, samples, seq_len, seed, batch_size),
+                      gptq_options or GPTQOptions(), method_options or MethodOptions(), float_dtype, progress,
+                      dict(extra_info or {}), trust_remote_code)
+    return run(job, model, out, stream=stream, tokenizer=tokenizer, calib_ids=calib_ids, dry_run=dry_run)

@@ -1,2 +1,1 @@
-"""Algorithms decide codes, scales and zero points; each ends in QuantizedTensors."""
-METHODS = ("rtn", "gptq")
+"""Algorithms decide codes, scales, zero points and layer extras; each ends in QuantizedTensors."""

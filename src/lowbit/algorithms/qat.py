@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.core.qparams import group_view, ungroup
+from lowbit.core.qparams import group_view, quantize_activations, ungroup
 from lowbit.core.tensor import QuantizedTensor, quantize_tensor
+from lowbit.core.transforms import apply_input_transform
 from lowbit.errors import UserError
 from lowbit.runtime.qlinear import replace_module
 
@@ -70,11 +71,8 @@ class FakeQuantLinear(nn.Module):
         return ungroup((q - z) * s, rows, cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform == "hadamard":
-            from lowbit.core.transforms import hadamard_transform
-            x = hadamard_transform(x)
+        x = apply_input_transform(x, self.input_transform)
         if self.scheme.activations is not None:  # activations round too (no gradient to their dynamic scales)
-            from lowbit.core.qparams import quantize_activations
             x = x + (quantize_activations(x.detach(), self.scheme.activations, self.act_scale) - x).detach()
         return F.linear(x, self.weight_hat(), self.bias)
 

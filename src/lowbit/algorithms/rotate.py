@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.core.transforms import hadamard, hadamard_transform, random_hadamard
+from lowbit.core.transforms import apply_input_transform, hadamard, random_hadamard
 from lowbit.errors import UserError
 from lowbit.models.adapters import attention_heads, decoder_layers, final_norm, is_rms_norm, llama_parts
 
@@ -29,7 +29,7 @@ class OnlineHadamardLinear(nn.Linear):
     input_transform = "hadamard"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(hadamard_transform(x), self.weight, self.bias)
+        return F.linear(apply_input_transform(x, self.input_transform), self.weight, self.bias)
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -18,9 +18,11 @@ from lowbit.analysis.probes import load_probes, run_probes
 from lowbit.analysis.sensitivity import WEIGHT_SCHEMES, block_index, block_linears, layer_sensitivity, weight_errors
 from lowbit.analysis.stats import weight_stats
 from lowbit.analysis.studies import clipping_curve, error_vs_bits, metadata_overhead, sym_vs_affine
+from lowbit.api import load, make_recipe, quantize
 from lowbit.errors import UserError
 from lowbit.io.text import load_text, split_text, tokenize
 from lowbit.models.adapters import decoder_layers, linear_weight
+from lowbit.runtime.qlinear import dequantized
 
 
 def text_sets(tokenizer, text: str, n_sets: int, windows: int, seq_len: int) -> dict[str, list[torch.Tensor]]:
@@ -72,10 +74,6 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
             new_tokens: int = 24, sensitivity_scheme: str = "w3a16-g64-asym", sensitivity_windows: int = 2,
             sensitivity_seq_len: int = 128, progress: bool = True) -> dict:
     """Everything the report shows, as one dict."""
-    from lowbit.api import load, make_recipe
-    from lowbit.quantization.job import quantize_model
-    from lowbit.runtime.qlinear import dequantized
-
     t0 = time.time()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     if sets < 2:
@@ -125,7 +123,7 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
     log(f"analyze: task probes ({', '.join(r.scheme.name for r in recipes)}, RTN) ...")
     variants = {}
     for r in recipes:
-        q = quantize_model(copy.deepcopy(model), r, progress=False).model
+        q = quantize(copy.deepcopy(model), recipe=r, tokenizer=tok, progress=False).model
         variants[f"rtn {r.scheme.name}"] = dequantized(q)
     probe_res = run_probes(model, variants, tok, probes, new_tokens)
     timings["probes"] = time.time() - t

@@ -6,11 +6,29 @@ import sys
 
 import torch
 
+from lowbit.algorithms.mixed import mixed_recipe
+from lowbit.algorithms.qat import QATOptions
+from lowbit.analysis import analyze
+from lowbit.analysis.findings import findings, recommend
+from lowbit.analysis.probes import load_probes, run_probes
+from lowbit.analysis.report import write_report
 from lowbit.api import load, make_recipe, quantize
+from lowbit.core.scheme import Recipe, Scheme
 from lowbit.errors import UserError
+from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants
+from lowbit.evaluate.compare import compare, format_quality_table
 from lowbit.evaluate.quality import evaluate_many
+from lowbit.io.files import check_output, output_lock
+from lowbit.io.interop import export_model, import_model
+from lowbit.io.lowbit_dir import load_quantized, save_quantized
 from lowbit.io.text import check_text_source, text_windows
-from lowbit.runtime.qlinear import model_bytes
+from lowbit.models.load import load_float, resolve_source
+from lowbit.plan.devices import get_device, load_catalog
+from lowbit.plan.planner import Arch, PlanInput, decision_matrix, format_plan, plan, read_model
+from lowbit.quantization.job import MethodOptions
+from lowbit.runtime.attention import register as register_attention
+from lowbit.runtime.generate import generate
+from lowbit.runtime.qlinear import dequantized, model_bytes
 
 
 def _progress(args) -> bool:
@@ -20,30 +38,31 @@ def _progress(args) -> bool:
 def cmd_quantize(args) -> int:
     if args.format and not args.export_out:
         raise UserError("--format needs --export-out (where the exported model goes)")
+    if args.format:
+        _check_export_args(args.format, args.export_out, [args.model, args.out], args, "--export-out")
     if args.report:
         _check_report_path(args.report)
-    from lowbit.algorithms.qat import QATOptions
-    from lowbit.quantization.job import MethodOptions
 
     recipe = _read_recipe(args.recipe) if args.recipe else make_recipe(args.scheme, args.method, args.include, args.exclude)
     if args.target_bits is not None:
         if args.recipe:
             raise UserError("--target-bits builds a recipe; it cannot be combined with --recipe")
-        choices = tuple(int(b) for b in args.bit_choices.split(",")) if args.bit_choices else None
+        try:
+            choices = tuple(int(b) for b in args.bit_choices.split(",")) if args.bit_choices else None
+        except ValueError:
+            raise UserError(f"--bit-choices {args.bit_choices!r}: give comma-separated bit widths, e.g. 3,4") from None
         recipe, mixed_info = _mixed_recipe(args, recipe, choices)
     mopts = MethodOptions(smoothquant_alpha=args.alpha, outlier_threshold=args.outlier_threshold,
                           rotation_seed=args.seed, qat=QATOptions(steps=args.qat_steps, seed=args.seed))
     extra = {"mixed_precision": mixed_info} if args.target_bits is not None else None
-    if _streams(args, recipe):
-        res = _stream(args, recipe, mopts, extra)
-        if res is None:
-            return 0
-    else:
-        if args.dry_run:
-            raise UserError("--dry-run predicts streamed runs; this one loads the whole model (rotate, qat, --in-memory or a GGUF source)")
-        res = quantize(args.model, calib=args.calib, text_field=args.text_field, recipe=recipe,
-                       samples=args.samples, seq_len=args.seq_len, seed=args.seed, out=args.out,
-                       method_options=mopts, progress=_progress(args), extra_info=extra)
+    _init_distributed()
+    res = quantize(args.model, calib=args.calib, text_field=args.text_field, recipe=recipe, samples=args.samples,
+                   seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, out=args.out, method_options=mopts,
+                   progress=_progress(args), extra_info=extra, stream=False if args.in_memory else None, dry_run=args.dry_run)
+    if res is None:  # a dry run, or a torch.distributed process other than 0
+        return 0
+    if res.info.get("resumed_from_block"):
+        print(f"resumed at block {res.info['resumed_from_block']} (earlier blocks were already done)")
     if args.format:
         rep = _export(res.model, res.tokenizer, args.format, args.export_out, args.model, args.out, args)
         print(f"exported {args.format} -> {args.export_out}: {rep}")
@@ -54,41 +73,10 @@ def cmd_quantize(args) -> int:
     for key in ("outlier_split", "qat"):
         if key in res.info:
             print(f"{key}: {json.dumps(res.info[key])}")
-    print(f"quantized {res.info.get('quantized_modules', len(res.qtensors))} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
+    print(f"quantized {res.info['quantized_modules']} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
           f"{b['float_bytes'] / 1e6:.1f} MB float)")
     return 0
-
-
-def _streams(args, recipe) -> bool:
-    from lowbit.models.load import resolve_source
-    from lowbit.quantization.stream import streamable
-
-    return not args.in_memory and streamable(recipe) and resolve_source(args.model)[0] in ("hf", "embedded")
-
-
-def _stream(args, recipe, mopts, extra):
-    """Block by block from disk, resumable; the QuantizeResult is loaded back only when an
-    export or report needs the model. None after --dry-run."""
-    from lowbit.io.lowbit_dir import load_quantized
-    from lowbit.quantization.job import QuantizeResult
-    from lowbit.quantization.runner import dist_rank_world
-    from lowbit.quantization.stream import StreamOptions, stream_quantize
-
-    _init_distributed()
-    opts = StreamOptions(calib=args.calib, text_field=args.text_field, samples=args.samples, seq_len=args.seq_len,
-                         seed=args.seed, batch_size=args.batch_size, method=mopts, progress=_progress(args))
-    info = stream_quantize(args.model, recipe, args.out, opts, extra_info=extra, dry_run=args.dry_run)
-    if info is None:
-        return None
-    if info["resumed_from_block"]:
-        print(f"resumed at block {info['resumed_from_block']} (earlier blocks were already done)")
-    if dist_rank_world()[0] != 0:
-        return None
-    model, tok = None, None
-    if args.format or args.report:
-        model, tok, _ = load_quantized(args.out)
-    return QuantizeResult(model, {}, info["seconds"], info, tok)
 
 
 def _init_distributed() -> None:
@@ -104,7 +92,6 @@ def _init_distributed() -> None:
 def _read_recipe(path: str):
     from pathlib import Path
 
-    from lowbit.core.scheme import Recipe
 
     try:
         d = json.loads(Path(path).read_text())
@@ -120,9 +107,6 @@ def _read_recipe(path: str):
 
 def _mixed_recipe(args, recipe, choices):
     """Measure sensitivity on two calibration windows and allocate bits (printed; the recipe lands in lowbit.json)."""
-    from lowbit.algorithms.mixed import mixed_recipe
-    from lowbit.models.load import load_float
-
     check_text_source(args.calib)
     model, tok = load_float(args.model)
     calib, _ = text_windows(tok, args.calib, args.text_field, min(args.seq_len, 256), calib_samples=2, seed=args.seed)
@@ -143,11 +127,6 @@ def _check_report_path(path: str) -> None:
 
 def _quantize_report(args, res):
     """Quality against the float original on held-out text, and task probes, as a report."""
-    from lowbit.analysis.probes import load_probes, run_probes
-    from lowbit.analysis.report import write_report
-    from lowbit.models.load import load_float
-    from lowbit.runtime.qlinear import dequantized
-
     base, tok = load_float(args.model)
     _, windows = text_windows(tok, args.calib, args.text_field, args.seq_len, eval_max=args.report_windows)
     metrics = evaluate_many({"float": base, "quantized": res.model}, windows, base, progress=_progress(args))
@@ -163,10 +142,6 @@ def _quantize_report(args, res):
 
 
 def cmd_analyze(args) -> int:
-    from lowbit.analysis import analyze
-    from lowbit.analysis.findings import findings, recommend
-    from lowbit.analysis.report import write_report
-
     check_text_source(args.text)
     _check_report_path(args.out)
     res = analyze(args.model, text=args.text, text_field=args.text_field, seq_len=args.seq_len, sets=args.sets,
@@ -184,33 +159,36 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def _export(model, tok, fmt, out, source, tokenizer_dir, args) -> dict:
-    from lowbit.io.interop import export_model
+def _check_export_args(fmt: str, out: str, sources: list, args, flag: str) -> None:
+    """Before any work: where the export goes, and options only its format takes."""
+    if fmt != "gguf" and (args.requantize or args.embed_type != "q8_0"):
+        raise UserError(f"--requantize and --embed-type apply to the gguf export, not {fmt}")
+    check_output(out, file=fmt == "gguf", sources=sources, flag=flag)
 
+
+def _export(model, tok, fmt, out, source, tokenizer_dir, args) -> dict:
     return export_model(model, tok, fmt, out, source=source, tokenizer_dir=tokenizer_dir,
                         requantize=args.requantize, embed_type=args.embed_type)
 
 
 def cmd_export(args) -> int:
-    from lowbit.io.lowbit_dir import load_quantized
-    from lowbit.models.load import resolve_source
-
     kind, path = resolve_source(args.model)
     if kind != "lowbit":
         raise UserError(f"{args.model}: export reads a lowbit output directory (run 'lowbit quantize' first)")
-    model, tok, meta = load_quantized(path)
-    rep = _export(model, tok, args.format, args.out, meta.get("source"), path, args)
+    _check_export_args(args.format, args.out, [path], args, "--out")  # before loading anything
+    with output_lock(args.out):
+        model, tok, meta = load_quantized(path)
+        rep = _export(model, tok, args.format, args.out, meta.get("source"), path, args)
     print(json.dumps({"format": args.format, "out": args.out, **rep}))
     return 0
 
 
 def cmd_import(args) -> int:
-    from lowbit.io.interop import import_model
-    from lowbit.io.lowbit_dir import save_quantized
-
-    model, tok, qts = import_model(args.model)
-    info = {"source": args.model, "imported": True, "bytes": model_bytes(model, torch.float16)}
-    save_quantized(model, tok, args.out, info)
+    check_output(args.out, sources=[args.model])
+    with output_lock(args.out):
+        model, tok, qts = import_model(args.model)
+        info = {"source": args.model, "imported": True, "bytes": model_bytes(model, torch.float16)}
+        save_quantized(model, tok, args.out, info)
     print(f"imported {len(qts)} quantized Linear layers from {args.model} -> {args.out} "
           f"({info['bytes']['total_bytes'] / 1e6:.1f} MB)")
     return 0
@@ -237,8 +215,6 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     """Quantize the embedded model with each method x scheme and print one quality table."""
-    from lowbit.evaluate.compare import compare, format_quality_table
-
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for s in schemes:  # validate every name before any work starts
@@ -265,17 +241,15 @@ def _param_count(text: str) -> int | None:
     t = text.strip().lower()
     mult = {"b": 1e9, "m": 1e6, "t": 1e12}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if t[-1:] in "bmt" else t) * mult)
+        n = float(t[:-1] if t[-1:] in "bmt" else t) * mult
     except ValueError:
         return None
+    if not 0 < n < float("inf"):
+        raise UserError(f"{text!r}: a parameter count must be a positive number (e.g. 8e9 or 8b)")
+    return int(n)
 
 
 def cmd_plan(args) -> int:
-    from lowbit.core.scheme import Scheme
-    from lowbit.errors import UserError
-    from lowbit.plan.devices import get_device, load_catalog
-    from lowbit.plan.planner import Arch, PlanInput, decision_matrix, format_plan, plan, read_model
-
     catalog = load_catalog(args.devices)
     if args.list_devices:
         for d in catalog.values():
@@ -322,8 +296,6 @@ def cmd_plan(args) -> int:
 
 def _measured_quality(path: str) -> dict:
     """{scheme name: best measured perplexity increase in %} from a quality benchmark JSON."""
-    from lowbit.errors import UserError
-
     try:
         rows = json.loads(open(path).read())["rows"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
@@ -337,8 +309,6 @@ def _measured_quality(path: str) -> dict:
 
 
 def cmd_bench(args) -> int:
-    from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants
-
     progress = _progress(args)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     schemes = [s.strip() for s in args.scheme.split(",") if s.strip()]
@@ -364,9 +334,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lowbit.runtime.attention import register as register_attention
-    from lowbit.runtime.generate import generate
-
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give the text to continue")
     dtype = getattr(torch, args.dtype)
     model, tok = load(args.model, dtype)
     model.set_attn_implementation(register_attention())

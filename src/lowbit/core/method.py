@@ -27,7 +27,9 @@ class Method:
 
     @classmethod
     def parse(cls, text: str) -> "Method":
-        parts = [p.strip() for p in str(text).lower().split("+") if p.strip()]
+        if not isinstance(text, str):
+            raise UserError(f"method {text!r} is not a name; choose {METHOD_FORMS}")
+        parts = [p.strip() for p in text.lower().split("+")]
         bad = [p for p in parts if p not in TRANSFORMS + QUANTIZERS]
         if not parts or bad or len(set(parts)) != len(parts):
             raise UserError(f"unknown method {text!r}; choose {METHOD_FORMS}")
@@ -41,8 +43,11 @@ class Method:
             raise UserError("qat trains every input channel on the grid; it does not combine with outlier-split")
         if "rotate" in parts and smooth:
             raise UserError(f"rotate already spreads outliers across channels; combine it with rtn, gptq or qat, not {smooth[0]}")
-        return cls(rotate="rotate" in parts, smooth=smooth[0] if smooth else None,
-                   outlier_split="outlier-split" in parts, quantizer=quantizers[0] if quantizers else "rtn")
+        method = cls(rotate="rotate" in parts, smooth=smooth[0] if smooth else None,
+                     outlier_split="outlier-split" in parts, quantizer=quantizers[0] if quantizers else "rtn")
+        if [p for p in parts if p != "rtn" or len(parts) == 1] != method.name.split("+"):
+            raise UserError(f"method {text!r}: transforms run first, then the quantizer; write it as {method.name!r}")
+        return method
 
     @property
     def name(self) -> str:

@@ -157,7 +157,9 @@ class Scheme:
         """Parse a preset or tensor-level scheme name (see VALID_FORMS)."""
         if isinstance(name, Scheme):
             return name
-        if not isinstance(name, str) or not name.strip():
+        if not isinstance(name, str):
+            raise SchemeError(f"scheme {name!r} is a {type(name).__name__}, not a scheme name; valid forms: {VALID_FORMS}")
+        if not name.strip():
             raise SchemeError(f"empty scheme name; valid forms: {VALID_FORMS}")
         key = name.strip().lower()
         try:
@@ -170,9 +172,11 @@ class Scheme:
 
 
 _FMT_ALIASES = {"fp8": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "fp8e5m2": "fp8_e5m2", "fp4": "fp4_e2m1", "nf4": "nf4"}
-_SUFFIX = r"(?:(?P<asym>-asym)(?P<fzero>-fzero)?)?(?:(?P<mse>-mse)|-p(?P<pct>\d+(?:\.\d+)?))?"
-_PRESET_RE = re.compile(r"w(?P<w>\d+)a(?P<a>\d+)(?:-g(?P<g>\d+))?" + _SUFFIX)
-_TENSOR_RE = re.compile(r"(?P<fmt>int\d+|fp8|fp8e4m3|fp8e5m2|fp4|nf4)-(?P<gran>tensor|channel|token|g\d+)" + _SUFFIX)
+# numbers in ASCII digits (\d would take any script's digits); no leading zeros, one spelling per scheme
+_N = r"(?:0|[1-9][0-9]*)"
+_SUFFIX = r"(?:(?P<asym>-asym)(?P<fzero>-fzero)?)?(?:(?P<mse>-mse)|-p(?P<pct>[0-9]+(?:\.[0-9]+)?))?"
+_PRESET_RE = re.compile(rf"w(?P<w>{_N})a(?P<a>{_N})(?:-g(?P<g>{_N}))?" + _SUFFIX)
+_TENSOR_RE = re.compile(rf"(?P<fmt>int{_N}|fp8|fp8e4m3|fp8e5m2|fp4|nf4)-(?P<gran>tensor|channel|token|g{_N})" + _SUFFIX)
 
 
 def _suffix_fields(m: re.Match) -> dict:
@@ -198,7 +202,7 @@ def _token_acts(fmt: str) -> Scheme:
 def _parse(key: str) -> Scheme | None:
     if key.endswith("-static"):
         base = _parse(key.removesuffix("-static"))
-        if base is None or base.activations is None:
+        if base is None or base.activations is None or not base.activations.dynamic:
             raise SchemeError("-static applies to schemes that quantize activations (w8a8, w4a8, w4a4, fp8)")
         acts = Scheme(format=base.activations.format, granularity="tensor", dynamic=False)
         return base.with_(activations=acts, name=key)

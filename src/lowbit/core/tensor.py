@@ -262,6 +262,10 @@ def quantize_tensor(x: torch.Tensor, scheme: Scheme | str, *, scale: torch.Tenso
     if not given:
         scale = torch.cat(scales)
         zero_point = torch.cat(zps) if zps[0] is not None else None
+    if not torch.isfinite(scale).all():  # a range the stored scale dtype cannot hold: NaN codes otherwise
+        raise SchemeError(f"{name}: values up to {float(x2.abs().max()):.4g} need scales beyond what {scheme.scale_dtype} "
+                          f"holds ({torch.finfo(scheme.scale_storage_dtype).max:.4g}); exclude this tensor (--exclude) "
+                          f"or store its scales as float32 (Scheme(..., scale_dtype='float32'))")
     if scheme.scale_dtype == "e8m0":
         # scales arrive already rounded to powers of two: store the biased exponent
         stored_scale = (torch.log2(scale).round() + 127).to(torch.uint8)

@@ -69,3 +69,11 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
     return signs[:, None] * hadamard(n)
+
+
+# Transforms a layer applies to its input at run time, by the name lowbit.json stores.
+INPUT_TRANSFORMS = {"hadamard": hadamard_transform}
+
+
+def apply_input_transform(x: torch.Tensor, name: str | None) -> torch.Tensor:
+    return INPUT_TRANSFORMS[name](x) if name is not None else x

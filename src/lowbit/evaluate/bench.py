@@ -119,10 +119,9 @@ def speed_variants(source: str, schemes: list[str], lm_head: str = "int8", progr
     """
     import copy
 
-    from lowbit.api import load, make_recipe
+    from lowbit.api import load, make_recipe, quantize
     from lowbit.core.scheme import Scheme
     from lowbit.models.load import resolve_source
-    from lowbit.quantization.job import quantize_model
 
     kind, _ = resolve_source(source)
     base, _ = load(source)
@@ -136,7 +135,7 @@ def speed_variants(source: str, schemes: list[str], lm_head: str = "int8", progr
             recipe = make_recipe(name, "rtn")
             if lm_head == "int8":
                 recipe.overrides["lm_head"] = Scheme.parse("w8a16")
-            q = quantize_model(copy.deepcopy(base), recipe, progress=progress, float_dtype=torch.bfloat16).model
+            q = quantize(copy.deepcopy(base), recipe=recipe, progress=progress, float_dtype=torch.bfloat16).model
             models[f"{recipe.scheme.name}" + (" +int8 lm_head" if lm_head == "int8" else "")] = q.to(torch.bfloat16)
     for m in models.values():
         m.set_attn_implementation(register_attention())

@@ -7,13 +7,13 @@ import time
 
 import torch
 
-from lowbit.api import make_recipe
+from lowbit.api import make_recipe, quantize
 from lowbit.core.method import Method
 from lowbit.core.scheme import Recipe
 from lowbit.evaluate.quality import evaluate_many
 from lowbit.io.text import text_windows
 from lowbit.models.load import load_float
-from lowbit.quantization.job import MethodOptions, quantize_model
+from lowbit.quantization.job import MethodOptions
 from lowbit.runtime.qlinear import model_bytes
 
 
@@ -44,8 +44,8 @@ def compare(source: str = "smollm2-135m", variants: list = (), *, text: str = "w
         log(f"{label} {recipe.scheme.name} ...")
         torch.manual_seed(seed)
         needs = Method.parse(recipe.method).needs_calibration(recipe.scheme)
-        res = quantize_model(copy.deepcopy(base), recipe, calib if needs else None, method_options=method_options,
-                             progress=progress)
+        res = quantize(copy.deepcopy(base), recipe=recipe, tokenizer=tok, calib_ids=calib if needs else None,
+                       method_options=method_options, progress=progress, seed=seed)
         models[f"{label} {recipe.scheme.name} {len(models)}"] = res.model
         notes.update({k: res.info[k] for k in ("outlier_split", "qat") if k in res.info})
         rows.append({"method": label, "scheme": recipe.scheme.name, "seconds": time.time() - t, **_bytes(res.model),

@@ -60,7 +60,3 @@ def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, baseline:
                 acc.kl += float((base_p * (base - lp)).sum())
                 acc.agree += int((lp.argmax(-1) == base.argmax(-1)).sum())
     return {name: acc.result(baseline is not None) for name, acc in accs.items()}
-
-
-def evaluate(model: nn.Module, windows: torch.Tensor, baseline: nn.Module | None = None, **kw) -> dict:
-    return evaluate_many({"model": model}, windows, baseline, **kw)["model"]

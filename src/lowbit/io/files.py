@@ -33,9 +33,89 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+MARKER = ".lowbit-output"  # in every directory lowbit writes: what may be replaced by a later run
+
+
+def is_lowbit_output(path: Path) -> bool:
+    """A directory lowbit wrote (its marker, or the lowbit.json of outputs made before the marker)."""
+    return path.is_dir() and ((path / MARKER).is_file() or (path / "lowbit.json").is_file())
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents or a in b.parents
+
+
+def check_output(out: str | os.PathLike, *, file: bool = False, sources=(), flag: str = "--out") -> Path:
+    """Fail before any work if `out` cannot be written or holds something lowbit did not
+    create: lowbit replaces only its own outputs, and never a source (or a folder around one)."""
+    out = Path(out)
+    for src in sources:
+        if src and Path(src).exists() and _same_or_inside(out, Path(src)):
+            raise UserError(f"{flag} {out} is (or holds) the source {src}; choose another {flag}")
+    if file:
+        if out.is_dir():
+            raise UserError(f"{flag} {out} is a directory; give a file name")
+        if out.exists() and not _lowbit_file(out):
+            raise UserError(f"{flag} {out} exists and was not written by lowbit; choose a new file name")
+    elif out.exists():
+        if not out.is_dir():
+            raise UserError(f"{flag} {out} exists and is a file; choose a directory")
+        if any(out.iterdir()) and not is_lowbit_output(out):
+            raise UserError(f"{flag} {out} exists and was not written by lowbit; choose an empty or new directory "
+                            f"(lowbit replaces only its own outputs)")
+    try:  # permission bits lie (root, read-only mounts, /proc): really create something
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out.parent}: not writable ({e.strerror}); choose another {flag}") from None
+    return out
+
+
+def _lowbit_file(path: Path) -> bool:
+    """A single-file output lowbit wrote: a GGUF whose metadata names lowbit as its writer."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get(GGUF_WRITER_KEY)
+        return field is not None and bytes(field.parts[field.data[0]]).decode() == "lowbit"
+    except Exception:  # not a GGUF, or a damaged one: not ours to replace
+        return False
+
+
+GGUF_WRITER_KEY = "general.quantized_by"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike):
+    """Hold an exclusive lock on `out` (and so on its work folder) for a run: a second run to
+    the same output is a one-line error naming the process that holds it."""
+    import fcntl
+
+    out = Path(out)
+    lock = out.parent / f".{out.name}.lowbit-lock"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{out} is being written by another lowbit run (pid {holder}); wait for it or choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary directory beside `path`; it replaces `path` only on success."""
+    """Yield a temporary directory beside `path`; on success it takes `path`'s place in one
+    rename. What was at `path` is removed only if lowbit wrote it (check_output)."""
     import shutil
 
     path = Path(path)
@@ -43,10 +123,20 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text("written by lowbit; a later lowbit run may replace this directory\n")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        old = None
         if path.exists():
-            shutil.rmtree(path)
+            if path.is_dir() and any(path.iterdir()) and not is_lowbit_output(path):
+                raise UserError(f"{path} appeared while lowbit was writing and was not written by lowbit; "
+                                f"the output is left in {tmp}")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "x")
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except UserError:
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,72 +4,103 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowbit.core.layer import QuantizedLayer
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import UserError
+from lowbit.io.files import atomic_dir, check_output
 from lowbit.runtime.qlinear import QUANT_BUFFERS, QuantLinear, float_state, quantized_modules, replace_module
 
 FORMAT_VERSION = 1
 
 
-def check_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Fail before any work if the output cannot be written (or would clobber something else)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is a file; choose a directory for --out")
-    if out.is_dir() and not (out / "lowbit.json").is_file() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not a lowbit output; choose an empty or new --out")
-    try:  # permission bits lie (root, read-only mounts, /proc): really create something
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent))
-    except OSError as e:
-        raise UserError(f"{out.parent}: not writable ({e.strerror}); choose another --out") from None
-    return out
+@dataclass
+class Payload:
+    """What a saved model, or one streamed block of it, holds: the tensors to store, the
+    lowbit.json entry of each quantized module, and the byte and channel counts every
+    report quotes. One tally for the in-memory and the streamed writer."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: dict[str, dict] = field(default_factory=dict)
+    quantized_bytes: int = 0
+    float_bytes: int = 0
+    float_input_channels: int = 0  # outlier split: input channels kept in float
+    input_channels: int = 0  # summed over the quantized layers
+
+    @classmethod
+    def of(cls, root: nn.Module, float_dtype: torch.dtype, prefix: str = "") -> "Payload":
+        """Every QuantLinear under `root` (packed), and its float parts (norms, biases, embeddings,
+        the layers' float extras) at `float_dtype`, tied tensors once; named `prefix` + path."""
+        out = cls()
+        for name, m in quantized_modules(root).items():
+            out.add_layer(prefix + name, m.layer)
+        for k, t in float_state(root).items():
+            out.add_float(prefix + k, t, float_dtype)
+        return out
+
+    def add_layer(self, name: str, layer: QuantizedLayer) -> None:
+        """A layer's packed codes (its float extras are float parts of its module)."""
+        self.tensors.update(layer.weight.tensors(prefix=f"{name}.qweight."))
+        self.modules[name] = layer.meta()
+        self.quantized_bytes += layer.weight.nbytes
+        self.float_input_channels += layer.float_input_channels
+        self.input_channels += layer.shape[1]
+
+    def add_float(self, key: str, t: torch.Tensor, float_dtype: torch.dtype) -> None:
+        t = t.to(float_dtype) if t.is_floating_point() else t
+        self.tensors[key] = t.contiguous()
+        self.float_bytes += t.numel() * t.element_size()
+
+    def counts(self) -> dict:
+        """Everything but the tensors (what a streamed block leaves in progress.json)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tensors"}
+
+    @classmethod
+    def from_counts(cls, counts: dict) -> "Payload":
+        return cls(**{k: v for k, v in counts.items() if k != "tensors"})
+
+    def merge(self, other: "Payload") -> None:
+        """Add another part's modules and counts (its tensors are written already)."""
+        self.modules.update(other.modules)
+        self.quantized_bytes += other.quantized_bytes
+        self.float_bytes += other.float_bytes
+        self.float_input_channels += other.float_input_channels
+        self.input_channels += other.input_channels
+
+    @property
+    def bytes(self) -> dict:
+        return {"quantized_bytes": self.quantized_bytes, "float_bytes": self.float_bytes,
+                "total_bytes": self.quantized_bytes + self.float_bytes}
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict,
-                   float_dtype: torch.dtype = torch.float16) -> Path:
+                   float_dtype: torch.dtype = torch.float16, payload: Payload | None = None) -> Path:
     """Write config.json, tokenizer, model.safetensors and lowbit.json; the directory appears atomically."""
     from safetensors.torch import save_file
 
-    from lowbit.io.files import atomic_dir
-
-    out = check_output_dir(out_dir)
+    out = check_output(out_dir)
+    payload = payload or Payload.of(model, float_dtype)
     with atomic_dir(out) as tmp:
-        tensors, modules = quantized_payload(model)
-        fstate = float_state(model)
-        tensors.update({k: (v.to(float_dtype) if v.is_floating_point() else v).contiguous() for k, v in fstate.items()})
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "lowbit"})
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "lowbit.json").write_text(json.dumps(lowbit_meta(modules, float_dtype, info), indent=1, sort_keys=True) + "\n")
+        save_file(payload.tensors, str(tmp / "model.safetensors"), metadata={"format": "lowbit"})
+        write_model_files(tmp, model.config, tokenizer, payload.modules, float_dtype, info)
     return out
 
 
-def quantized_payload(root: nn.Module, prefix: str = "") -> tuple[dict, dict]:
-    """(packed tensors, lowbit.json module entries) of every QuantLinear under `root`,
-    named `prefix` + its path (the whole model, or one streamed block)."""
-    tensors, modules = {}, {}
-    for name, m in quantized_modules(root).items():
-        qt = m.qweight
-        tensors.update(qt.tensors(prefix=f"{prefix}{name}.qweight."))
-        extras = m.extra_meta()
-        modules[prefix + name] = {**qt.meta(), **({"extras": extras} if extras else {})}
-    return tensors, modules
-
-
-def lowbit_meta(modules: dict, float_dtype: torch.dtype, info: dict) -> dict:
-    """lowbit.json: every quantized module's scheme and layout, and how the model was made
-    (no wall-clock figures: the same job gives the same bytes)."""
+def write_model_files(tmp: Path, config, tokenizer, modules: dict, float_dtype: torch.dtype, info: dict) -> None:
+    """config.json, the tokenizer and lowbit.json: every quantized module's scheme and layout,
+    and how the model was made (no wall-clock figures: the same job gives the same bytes)."""
+    config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     info = {k: v for k, v in info.items() if k not in ("seconds", "resumed_from_block", "preflight")}
-    return {"format": "lowbit", "version": FORMAT_VERSION, "modules": modules,
+    meta = {"format": "lowbit", "version": FORMAT_VERSION, "modules": modules,
             "float_dtype": str(float_dtype).removeprefix("torch."), **info}
+    (tmp / "lowbit.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def _read_shards(path: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +148,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
                 del tensors[k]
     for name, qt in qts.items():
         has_bias = getattr(model.get_submodule(name), "bias", None) is not None
-        replace_module(model, name, QuantLinear.from_meta(qt, meta["modules"][name].get("extras", {}), has_bias))
+        layer = QuantizedLayer.placeholder(qt, meta["modules"][name].get("extras", {}))
+        replace_module(model, name, QuantLinear(layer, torch.zeros(qt.shape[0]) if has_bias else None))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     missing = [k for k in missing if not _is_tied_or_quant(model, k)]
     if missing or unexpected:

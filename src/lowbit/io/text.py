@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+import psutil
 import torch
 
 from lowbit.errors import UserError
@@ -58,6 +59,13 @@ def check_text_source(spec: str) -> None:
         raise UserError(f"text source {spec!r} is neither 'wiki' nor an existing file")
 
 
+def _utf8_lines(f, path):
+    try:
+        yield from f
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
 def load_text(spec: str, text_field: str = "text") -> str:
     """'wiki', a .txt file, or a .jsonl file."""
     check_text_source(spec)
@@ -66,8 +74,8 @@ def load_text(spec: str, text_field: str = "text") -> str:
     p = Path(spec)
     if p.suffix.lower() in (".jsonl", ".ndjson"):
         parts = []
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+        with open(p, encoding="utf-8", errors="strict") as f:
+            for i, line in enumerate(_utf8_lines(f, p), 1):
                 if not line.strip():
                     continue
                 try:
@@ -76,7 +84,9 @@ def load_text(spec: str, text_field: str = "text") -> str:
                     raise UserError(f"{p}:{i}: not valid JSON ({e.msg})") from None
                 if not isinstance(rec, dict) or text_field not in rec:
                     raise UserError(f"{p}:{i}: record has no field {text_field!r} (choose one with --text-field)")
-                parts.append(str(rec[text_field]))
+                if not isinstance(rec[text_field], str):
+                    raise UserError(f"{p}:{i}: field {text_field!r} holds {type(rec[text_field]).__name__}, not text")
+                parts.append(rec[text_field])
         text = "\n\n".join(parts)
     else:
         try:
@@ -108,6 +118,10 @@ def calibration_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int = 
         raise UserError(f"need at least 1 calibration sample of >= 2 tokens (got {n} x {seq_len})")
     if tokens.numel() < seq_len + 1:
         raise UserError(f"calibration text has {tokens.numel()} tokens; need more than --seq-len {seq_len}")
+    need, total = 8 * n * seq_len, psutil.virtual_memory().total
+    if need > total:  # the ids alone could never be held (the pre-flight judges what merely does not fit now)
+        raise UserError(f"--samples {n} x --seq-len {seq_len} is {n * seq_len:.3g} calibration tokens, {need / 1e9:.1f} GB "
+                        f"as ids alone ({total / 1e9:.1f} GB of memory in all); use fewer --samples")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len, (n,), generator=g)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])

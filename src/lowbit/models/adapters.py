@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import UserError
 
@@ -47,16 +48,16 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 def is_linear(m: nn.Module) -> bool:
     """nn.Linear, or GPT-2's Conv1D (a Linear with a transposed weight)."""
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    return isinstance(m, (nn.Linear, Conv1D))
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The weight in nn.Linear layout [out_features, in_features]."""
-    return m.weight.t() if type(m).__name__ == "Conv1D" else m.weight
+    return m.weight.t() if isinstance(m, Conv1D) else m.weight
 
 
 def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
-    w = w.t() if type(m).__name__ == "Conv1D" else w
+    w = w.t() if isinstance(m, Conv1D) else w
     m.weight.data.copy_(w.to(m.weight.dtype))
 
 
@@ -72,7 +73,7 @@ def linear_modules(block: nn.Module) -> dict[str, nn.Module]:
 
 def is_rms_norm(m: nn.Module) -> bool:
     """An RMSNorm that multiplies by its weight (Gemma's 1 + weight form would need another fold)."""
-    name = type(m).__name__
+    name = type(m).__name__  # each family has its own RMSNorm class and no common base
     return name.endswith("RMSNorm") and "Gemma" not in name and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 

@@ -90,9 +90,14 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+def _cannot_load(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
 def load_float(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer) in float for any source except a lowbit output."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kind, path = resolve_source(source)
     if kind == "lowbit":
@@ -102,12 +107,24 @@ def load_float(source: str, dtype: torch.dtype = torch.float32, trust_remote_cod
     else:
         if not any(path.glob("*.safetensors")):
             raise UserError(f"{path}: no .safetensors weights (lowbit reads safetensors and GGUF only, never pickles)")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its table of missing weights: the one line below says it
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                         trust_remote_code=trust_remote_code)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                                               trust_remote_code=trust_remote_code, output_loading_info=True)
+        except (ValueError, KeyError, OSError) as e:
+            raise _cannot_load(path, e) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # transformers fills missing weights with random values and only warns: that is a wrong model, not a model
+        bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(bad.values()):
+            what = "; ".join(f"{k.split('_')[0]} {len(v)} (e.g. {v[0]})" for k, v in bad.items() if v)
+            raise UserError(f"{path}: the safetensors do not match config.json: {what}")
+        try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         except (ValueError, KeyError, OSError) as e:
-            raise UserError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise _cannot_load(path, e) from None
     model.eval()
     return model, tok
 

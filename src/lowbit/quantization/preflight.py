@@ -6,7 +6,7 @@ headers), the recipe, the calibration size and quick measurements of this machin
 float32 GEMM, GPTQ's factorisation and column loop, one checkpoint tensor read, rounded and
 dequantized, a float tensor copied as the output's float shards are, a read from the
 checkpoint) plus the seconds the process has already run. Memory is
-counted term by term after the streaming pipeline (lowbit.stream): the process as it is
+counted term by term after the streaming pipeline (quantization.stream): the process as it is
 now, one block in float32, the calibration hidden states (current, next and the resume
 checkpoint), one batch's intermediates, the input statistics (float64 Hessians) and the
 quantizer's working set.
@@ -185,7 +185,7 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
     ram = {"process now": rss, "block float32": 4 * block_numel,
            "tensor as stored": max((ck.nbytes([k]) for b in blocks for k in b), default=0),
            # codes (1 byte per weight), the dequantized float32 copy, unpacked codes, and the
-           # float32 temporaries of one row slice (lowbit.tensor.CHUNK_ELEMENTS)
+           # float32 temporaries of one row slice (core.tensor.CHUNK_ELEMENTS)
            "quantizer": 6 * big + 6 * 4 * CHUNK_ELEMENTS}
     outside = [k for k in ck.keys() if not k.startswith(f"{job.prefix}.")]
     quantized_outside = [k for k in outside if k.removesuffix(".weight") in job.targets]

@@ -13,11 +13,13 @@ Only one block's inputs, outputs and statistics are alive at a time.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.core.transforms import apply_input_transform
 from lowbit.errors import UserError
 from lowbit.models.adapters import decoder_layers, linear_modules, linear_weight, set_linear_weight
 
@@ -151,9 +153,7 @@ def sequential_stages(block: nn.Module, modules: dict[str, nn.Module], inputs: "
 def linear_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input a Linear's weight actually multiplies, as float32 rows (after its online
     Hadamard, if it has one: the stored weight is rotated to match)."""
-    if getattr(mod, "input_transform", None) == "hadamard":
-        from lowbit.core.transforms import hadamard_transform
-        x = hadamard_transform(x)
+    x = apply_input_transform(x, getattr(mod, "input_transform", None))
     return x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
 
 
@@ -237,82 +237,88 @@ class StatsCollector:
             h.remove()
 
 
-def run_sequential(model: nn.Module, targets: dict[str, object], quantize_fn, *, calib: torch.Tensor | None,
-                   batch_size: int = 8, progress: bool = True, desc: str = "quantize",
-                   true_sequential: bool = False, prepare=None, hessian: bool = True,
-                   act_amax: dict[str, torch.Tensor] | None = None, load_block=None, block_done=None,
-                   start: int = 0, hidden: list[torch.Tensor] | None = None,
-                   outside_blocks: bool = True) -> dict[str, object]:
-    """Quantize the Linears named in `targets` block by block.
+@dataclass
+class RunOptions:
+    batch_size: int = 8
+    progress: bool = True
+    desc: str = "quantize"
+    true_sequential: bool = False  # each stage of a block sees the stages before it quantized
 
-    quantize_fn(name, weight [out,in], InputStats or None) -> QuantizedTensor. With
-    calib=None (RTN) no calibration runs and no statistics are collected. Each block's
-    weights are replaced by their dequantized values before its outputs are
+
+class Blocks:
+    """Where the runner's blocks come from and where finished ones go. This default is a
+    model held whole in memory; streaming (quantization.stream) loads each block off disk,
+    writes it when done and resumes after a kill."""
+
+    start = 0  # blocks before this one are done (resume)
+    hidden = None  # their outputs: the inputs of block `start`
+
+    def load(self, i: int, block: nn.Module) -> None:
+        pass
+
+    def done(self, i: int, block: nn.Module, layers: dict, inputs: "BlockInputs | None") -> None:
+        pass
+
+
+def run_sequential(model: nn.Module, quantizer, calib: torch.Tensor | None, opts: RunOptions,
+                   blocks: Blocks | None = None) -> dict[str, object]:
+    """Quantize the Linears inside the decoder blocks that `quantizer.targets` names, block by block.
+
+    quantizer(name, weight [out,in], InputStats or None, input_transform) -> QuantizedLayer.
+    With calib=None (RTN) no calibration runs and no statistics are collected. Each block's
+    weights are replaced by the layers' effective weights before its outputs are
     recomputed, so the next block sees what inference will see. With
-    `true_sequential`, the same holds inside a block: each stage's statistics (say
+    `opts.true_sequential`, the same holds inside a block: each stage's statistics (say
     o_proj's) are collected after the stages before it (q/k/v) were quantized.
 
-    `prepare(block, names, stats)`, if given, runs once per block after its statistics
-    are collected and before anything is quantized: SmoothQuant and AWQ fold their
-    scales into the block there (and rescale `stats` to match). `act_amax`, if given,
-    is filled with each quantized Linear's per-channel input absmax as seen *after*
-    quantization (what a static activation scale must cover at inference).
+    `quantizer.prepare(block, names, stats)`, if set, runs once per block after its
+    statistics are collected and before anything is quantized: SmoothQuant and AWQ fold
+    their scales into the block there (and rescale `stats` to match). With
+    `quantizer.static_acts`, each quantized Linear's per-channel input absmax is measured
+    *after* quantization (what a static activation scale must cover at inference) and
+    handed to `quantizer.set_static_scales`.
 
-    Streaming (lowbit.stream) hooks in with `load_block(i, block)` (called before block i
-    is used: its weights come off disk), `block_done(i, block, results, inputs)` (called
-    once the block's outputs are the next inputs: it may write and drop the block and pop
-    its results), and `start`/`hidden` (resume: skip blocks before `start`, whose
-    outputs `hidden` holds). Returns {module name: QuantizedTensor} still held.
+    Returns {module name: QuantizedLayer} for the layers `blocks.done` did not take.
     """
+    blocks = blocks or Blocks()
     prefix, layers = decoder_layers(model)
     results = {}
-    inputs = BlockInputs.capture(model, calib, batch_size) if calib is not None else None
-    if inputs is not None and hidden is not None:
-        inputs = inputs.with_hidden(hidden)
-    bar = tqdm(range(start, len(layers)), desc=desc, unit="block", disable=not progress, leave=False)
+    inputs = BlockInputs.capture(model, calib, opts.batch_size) if calib is not None else None
+    if inputs is not None and blocks.hidden is not None:
+        inputs = inputs.with_hidden(blocks.hidden)
+    bar = tqdm(range(blocks.start, len(layers)), desc=opts.desc, unit="block", disable=not opts.progress, leave=False)
     t0 = time.time()
     for i in bar:
         block = layers[i]
-        if load_block is not None:
-            load_block(i, block)
-        names = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(block).items() if f"{prefix}.{i}.{n}" in targets}
-        if names and inputs is None:
-            for name, mod in names.items():
-                qt = quantize_fn(name, linear_weight(mod), None)
-                set_linear_weight(mod, qt.dequantize())
-                results[name] = qt
-        elif names:
-            stages = sequential_stages(block, names, inputs) if true_sequential and prepare is None else [list(names)]
-            for stage in stages:
-                collector = StatsCollector({n: names[n] for n in stage}, hessian=hessian)
+        blocks.load(i, block)
+        names = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(block).items() if f"{prefix}.{i}.{n}" in quantizer.targets}
+        stages = [list(names)] if names else []
+        if inputs is not None and opts.true_sequential and quantizer.prepare is None and names:
+            stages = sequential_stages(block, names, inputs)
+        for stage in stages:
+            stats = dict.fromkeys(stage)
+            if inputs is not None:
+                collector = StatsCollector({n: names[n] for n in stage}, hessian=quantizer.hessian)
                 # stages come in call order, so nothing after a stage's last Linear is needed
                 inputs.feed(block, stop_after=names[stage[-1]] if len(stages) > 1 else None)
                 collector.close()
                 stats = {name: collector.pop(name) for name in stage}
-                if prepare is not None:
-                    prepare(block, {n: names[n] for n in stage}, stats)
-                for name in stage:
-                    mod = names[name]
-                    qt = quantize_fn(name, linear_weight(mod), stats.pop(name))
-                    set_linear_weight(mod, qt.dequantize())
-                    results[name] = qt
+                if quantizer.prepare is not None:
+                    quantizer.prepare(block, {n: names[n] for n in stage}, stats)
+            for name in stage:
+                mod = names[name]
+                layer = quantizer(name, linear_weight(mod), stats.pop(name), getattr(mod, "input_transform", None))
+                set_linear_weight(mod, layer.effective_weight())
+                results[name] = layer
         if inputs is not None:
-            after = StatsCollector(names, hessian=False) if act_amax is not None and names else None
+            after = StatsCollector(names, hessian=False) if quantizer.static_acts and names else None
             inputs = inputs.run(block)
             if after is not None:
                 after.close()
-                act_amax.update({n: st.amax for n in names if (st := after.pop(n)) is not None})
-        if block_done is not None:
-            block_done(i, block, results, inputs)
+                quantizer.set_static_scales(results, {n: st.amax for n in names if (st := after.pop(n)) is not None})
+        blocks.done(i, block, results, inputs)
         # let go of this block before the next one is loaded: streaming drops it in
-        # block_done, and the loop's own names would otherwise keep two blocks alive
+        # blocks.done, and the loop's own names would otherwise keep two blocks alive
         block = names = mod = None
         bar.set_postfix_str(f"{time.time() - t0:.0f}s")
-    if outside_blocks:  # Linears outside the blocks (only if a recipe asks, e.g. lm_head): round to nearest
-        for name in targets:
-            if name not in results and not name.startswith(f"{prefix}."):
-                mod = model.get_submodule(name)
-                qt = quantize_fn(name, linear_weight(mod), None)
-                set_linear_weight(mod, qt.dequantize())
-                results[name] = qt
     return results

@@ -20,44 +20,20 @@ import hashlib
 import json
 import os
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from lowbit import __version__
-from lowbit.core.method import Method
 from lowbit.errors import UserError
-from lowbit.io.files import atomic_dir, atomic_path, save_tensors, write_json
-from lowbit.io.lowbit_dir import lowbit_meta, quantized_payload
+from lowbit.io.files import atomic_dir, atomic_path, read_safetensors, save_tensors, write_json
+from lowbit.io.lowbit_dir import Payload, write_model_files
 from lowbit.models.adapters import decoder_layers
 from lowbit.models.lazy import INDEX, ST_TORCH, LazyCheckpoint, UpcastEmbedding, check_matches, fill, numel, skeleton
 from lowbit.models.load import resolve_source
-from lowbit.quantization.job import BlockQuantizer, GPTQOptions, MethodOptions, target_modules
-from lowbit.quantization.runner import dist_rank_world, run_sequential
-from lowbit.runtime.qlinear import QUANT_BUFFERS, QuantLinear, install
-
-STREAMABLE = "rtn, gptq, awq, smoothquant, outlier-split and their compositions"
-
-
-@dataclass
-class StreamOptions:
-    calib: str = "wiki"
-    text_field: str = "text"
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    gptq: GPTQOptions = field(default_factory=GPTQOptions)
-    method: MethodOptions = field(default_factory=MethodOptions)
-    float_dtype: torch.dtype = torch.float16
-    progress: bool = True
-
-
-def streamable(recipe) -> bool:
-    plan = Method.parse(recipe.method)
-    return not plan.rotate and plan.quantizer != "qat"
+from lowbit.quantization.runner import Blocks, dist_rank_world
+from lowbit.runtime.qlinear import install
 
 
 def work_dir(out: Path) -> Path:
@@ -92,11 +68,13 @@ class Progress:
         self.fingerprint = fingerprint
         self.n_blocks, self.n_shards = n_blocks, n_shards
         self.rank, self.world = dist_rank_world()
-        self.done, self.blocks = 0, {}
+        self.done, self.blocks, self.sizes = 0, {}, {}
         state = self._read()
         if state is not None and state.get("fingerprint") == fingerprint and self._complete(state):
-            self.done, self.blocks = state["done"], state["blocks"]
+            self.done, self.blocks, self.sizes = state["done"], state["blocks"], state["sizes"]
         elif self.rank == 0 and self.dir.exists():
+            if state is not None and state.get("fingerprint") == fingerprint:
+                print(f"{self.dir}: a finished block's files are missing or damaged; starting over", flush=True)
             shutil.rmtree(self.dir)  # another job's leftovers (or a damaged one): start over
         _sync()
         if self.rank == 0:
@@ -110,11 +88,14 @@ class Progress:
             return None
 
     def _complete(self, state: dict) -> bool:
-        done = state.get("done", 0)
-        shards_ok = all((self.dir / self.shard_name(i)).is_file() for i in range(done))
-        hidden_ok = not state.get("calibrated") or done == 0 or all(
-            (self.dir / self.hidden_name(done, r)).is_file() for r in range(self.world))
-        return shards_ok and hidden_ok
+        """Every file the state relies on is there with the size it was written with."""
+        done, sizes = state.get("done", 0), state.get("sizes")
+        if not isinstance(sizes, dict):
+            return False
+        need = [self.shard_name(i) for i in range(done)]
+        if state.get("calibrated") and done:
+            need += [self.hidden_name(done, r) for r in range(self.world)]
+        return all(_size(self.dir / f) == sizes.get(f) for f in need)
 
     def shard_name(self, i: int) -> str:
         return f"model-{i + 1:05d}-of-{self.n_shards:05d}.safetensors"
@@ -123,8 +104,6 @@ class Progress:
         return f"hidden-{after:05d}-rank{rank}.safetensors"
 
     def hidden(self) -> list[torch.Tensor] | None:
-        from lowbit.io.files import read_safetensors
-
         if self.done == 0:
             return None
         tensors, _ = read_safetensors(self.dir / self.hidden_name(self.done, self.rank))
@@ -138,8 +117,12 @@ class Progress:
             save_tensors(tensors, self.dir / self.shard_name(i), {"format": "lowbit"})
             self.blocks[str(i)] = summary
             self.done = i + 1
+            written = [self.shard_name(i)] + ([self.hidden_name(i + 1, r) for r in range(self.world)] if hidden is not None else [])
+            self.sizes = {k: v for k, v in self.sizes.items() if not k.startswith("hidden-")}
+            self.sizes.update({f: _size(self.dir / f) for f in written})
             write_json(self.dir / "progress.json", {"fingerprint": self.fingerprint, "done": self.done,
-                                                    "calibrated": hidden is not None, "blocks": self.blocks})
+                                                    "calibrated": hidden is not None, "blocks": self.blocks,
+                                                    "sizes": self.sizes})
             for r in range(self.world):  # the previous generation is no longer needed
                 (self.dir / self.hidden_name(i, r)).unlink(missing_ok=True)
         else:
@@ -147,128 +130,154 @@ class Progress:
         _sync()
 
 
-def fingerprint(ckpt: LazyCheckpoint, recipe, opts: StreamOptions, calibrated: bool) -> str:
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def fingerprint(ckpt: LazyCheckpoint, job) -> str:
     """What decides the output bytes: the input files, the recipe, the calibration, the process
     and thread counts."""
     files = sorted({str(f) for f in ckpt.where.values()})
-    job = {"files": [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
-           "recipe": recipe.to_dict(), "gptq": asdict(opts.gptq), "float_dtype": str(opts.float_dtype),
-           "method": {k: v for k, v in asdict(opts.method).items() if k != "qat"},
-           "calib": [opts.calib, opts.text_field, opts.samples, opts.seq_len, opts.seed, opts.batch_size] if calibrated else None,
-           "world": dist_rank_world()[1], "lowbit": __version__,
-           # GEMM summation order follows the thread count, and GPTQ/AWQ decisions follow the sums
-           "threads": torch.get_num_threads() if calibrated else None}
-    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+    cal = job.calibration
+    job_desc = {"files": [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+                "recipe": job.recipe.to_dict(), "gptq": asdict(job.gptq), "float_dtype": str(job.float_dtype),
+                "method": {k: v for k, v in asdict(job.method).items() if k != "qat"},
+                "calib": [cal.text, cal.text_field, cal.samples, cal.seq_len, cal.seed, cal.batch_size] if job.calibrated else None,
+                "world": dist_rank_world()[1], "lowbit": __version__,
+                # GEMM summation order follows the thread count, and GPTQ/AWQ decisions follow the sums
+                "threads": torch.get_num_threads() if job.calibrated else None}
+    return hashlib.sha256(json.dumps(job_desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _block_tensors(block: torch.nn.Module, prefix: str, float_dtype: torch.dtype) -> tuple[dict, dict]:
-    """(tensors to store, summary) of a finished block: packed codes of its QuantLinears,
-    its float parts (norms, biases) in the storage dtype."""
-    tensors, modules = quantized_payload(block, prefix)
-    qlinears = [m for m in block.modules() if isinstance(m, QuantLinear)]
-    qbytes = sum(m.qweight.nbytes for m in qlinears)
-    in_cols = sum(m.in_features for m in qlinears)
-    kept_cols = sum(int(m.float_cols.numel()) for m in qlinears if m.float_cols is not None)
-    fbytes = 0
-    skip = {f"{n}.{b}" for n, m in block.named_modules() if isinstance(m, QuantLinear) for b in QUANT_BUFFERS}
-    for k, t in block.state_dict().items():
-        if k in skip:
-            continue
-        t = t.to(float_dtype) if t.is_floating_point() else t
-        tensors[prefix + k] = t.contiguous()
-        fbytes += t.numel() * t.element_size()
-    return tensors, {"modules": modules, "quantized_bytes": qbytes, "float_bytes": fbytes,
-                     "float_input_channels": kept_cols, "input_channels": in_cols}
+class CheckpointSource:
+    """A safetensors checkpoint streamed block by block: the model is a skeleton on the meta
+    device, each block is filled from the shards when the runner reaches it, written to
+    the work folder once quantized, and dropped."""
+
+    def __init__(self, source: str, job):
+        from transformers import AutoTokenizer
+
+        self.job, self.name = job, source
+        _, self.path = resolve_source(source)
+        self.ckpt = LazyCheckpoint(self.path)
+        self.model = skeleton(self.path, torch.float32, job.trust_remote_code)
+        check_matches(self.model, self.ckpt)
+        self.prefix, layers = decoder_layers(self.model)
+        self.n_blocks = len(layers)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True,
+                                                           trust_remote_code=job.trust_remote_code)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"{self.path}: cannot load its tokenizer ({type(e).__name__})") from None
+
+    def blocks(self, bq, calib, out: Path, dry_run: bool) -> "ShardBlocks | None":
+        """The work folder's blocks after the pre-flight check (None after a dry run)."""
+        model, ckpt = self.model, self.ckpt
+        if calib is not None:  # calibration starts at the embedding: its table, kept in its stored dtype
+            key = f"{_module_name(model, model.get_input_embeddings())}.weight"
+            model.set_input_embeddings(UpcastEmbedding(ckpt.load([key])[key], torch.float32))
+        inside = {n: s for n, s in bq.targets.items() if n.startswith(f"{self.prefix}.")}
+        self.prediction = _preflight(ckpt, model, self.prefix, self.n_blocks, inside, bq, self.job, calib, out)
+        if dry_run:
+            return None
+        self.groups = outside_groups(ckpt, self.prefix)
+        progress = Progress(out, fingerprint(ckpt, self.job), self.n_blocks, self.n_blocks + len(self.groups))
+        self.shards = ShardBlocks(self, progress, calib is not None)
+        self.facts = {"resumed_from_block": self.shards.start, "preflight": self.prediction.to_dict()}
+        return self.shards
+
+    def finish(self, layers: dict, bq, out: Path, describe):
+        """The shards outside the blocks, the index, config, tokenizer and lowbit.json; the
+        output folder appears in one rename. Returns (None, None): the model is on disk."""
+        if dist_rank_world()[0] == 0:
+            _write_output(self, self.shards.progress, bq, out, describe)
+        _sync()
+        return None, None
 
 
-def stream_quantize(source: str, recipe, out: str | os.PathLike, opts: StreamOptions | None = None,
-                    extra_info: dict | None = None, trust_remote_code: bool = False, dry_run: bool = False) -> dict | None:
-    """Quantize `source` (a checkpoint directory or embedded name) into `out`; returns the
-    info written to lowbit.json (plus 'seconds', 'resumed_from_block' and 'preflight').
-    The pre-flight prediction is printed first; with `dry_run` nothing else happens (None)."""
-    from transformers import AutoTokenizer
+class ShardBlocks(Blocks):
+    """Blocks filled from the checkpoint; each finished one is installed, written as its own
+    shard with the hidden states the next block starts from, and dropped."""
 
-    from lowbit.io.lowbit_dir import check_output_dir
-    from lowbit.io.text import check_text_source, text_windows
-    from lowbit.models.adapters import attention_heads
+    def __init__(self, src: CheckpointSource, progress: "Progress", calibrated: bool):
+        self.src, self.progress = src, progress
+        self.start = progress.done
+        self.hidden = progress.hidden() if calibrated else None
+        self.keys = {i: [k for k in src.ckpt.keys() if k.startswith(f"{src.prefix}.{i}.")] for i in range(src.n_blocks)}
 
-    opts = opts or StreamOptions()
-    t0 = time.time()
-    plan = Method.parse(recipe.method)
-    if not streamable(recipe):
-        raise UserError(f"{plan.name} needs the whole model in memory; streaming runs {STREAMABLE}")
-    kind, path = resolve_source(source)
-    if kind not in ("hf", "embedded"):
-        raise UserError(f"{source}: streaming reads safetensors checkpoint directories; this is a {kind} source")
-    calibrated = plan.needs_calibration(recipe.scheme)
-    if calibrated:
-        check_text_source(opts.calib)
-    out = check_output_dir(out)
-    ckpt = LazyCheckpoint(path)
-    model = skeleton(path, torch.float32, trust_remote_code)
-    check_matches(model, ckpt)
-    prefix, layers = decoder_layers(model)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"{path}: cannot load its tokenizer ({type(e).__name__})") from None
-    targets = target_modules(model, recipe)
-    inside = {n: s for n, s in targets.items() if n.startswith(f"{prefix}.")}
-    bq = BlockQuantizer(plan, targets, attention_heads(model) if plan.smooth else None, opts.gptq, opts.method,
-                        opts.float_dtype)
-    torch.manual_seed(opts.seed)
-    calib = None
-    if calibrated:
-        calib, _ = text_windows(tok, opts.calib, opts.text_field, opts.seq_len, calib_samples=opts.samples, seed=opts.seed)
-        rows = model.get_input_embeddings().weight.shape[0]
-        if int(calib.max()) >= rows:
-            raise UserError(f"{path}: the tokenizer produces token id {int(calib.max())} but the embedding has {rows} rows; "
-                            f"tokenizer and checkpoint do not belong together")
-        emb_key = f"{_module_name(model, model.get_input_embeddings())}.weight"
-        table = ckpt.load([emb_key])[emb_key]  # kept in its stored dtype; rows come out in float32
-        model.set_input_embeddings(UpcastEmbedding(table, torch.float32))
-    pred = _preflight(ckpt, model, prefix, len(layers), inside, bq, recipe, opts, calib, out)
-    if dry_run:
-        return None
-    groups = outside_groups(ckpt, prefix)
-    progress = Progress(out, fingerprint(ckpt, recipe, opts, calibrated), len(layers), len(layers) + len(groups))
-    start = progress.done
-    act_amax = {} if bq.static_acts else None
-    block_keys = {i: [k for k in ckpt.keys() if k.startswith(f"{prefix}.{i}.")] for i in range(len(layers))}
-
-    def load_block(i, block):
+    def load(self, i: int, block: torch.nn.Module) -> None:
+        model = self.src.model
         if isinstance(model.get_input_embeddings(), UpcastEmbedding):  # calibration has entered block 0
             model.set_input_embeddings(torch.nn.Module())
-        fill(block, ckpt.load(block_keys[i], torch.float32), f"{prefix}.{i}.")
+        fill(block, self.src.ckpt.load(self.keys[i], torch.float32), f"{self.src.prefix}.{i}.")
 
-    def block_done(i, block, results, inputs):
-        names = [n for n in list(results) if n.startswith(f"{prefix}.{i}.")]
-        bq.set_static_scales({n: act_amax.pop(n) for n in names if act_amax is not None and n in act_amax})
-        install(model, {n: results.pop(n) for n in names}, {n: bq.extras.pop(n) for n in names if n in bq.extras})
-        tensors, summary = _block_tensors(block, f"{prefix}.{i}.", opts.float_dtype)
-        progress.commit(i, tensors, summary, inputs.hidden() if inputs is not None else None)
-        layers[i] = torch.nn.Module()  # drop the block: its bytes are on disk now
+    def done(self, i: int, block: torch.nn.Module, layers: dict, inputs) -> None:
+        prefix = f"{self.src.prefix}.{i}."
+        install(self.src.model, {n: layers.pop(n) for n in list(layers) if n.startswith(prefix)})
+        payload = Payload.of(block, self.src.job.float_dtype, prefix)
+        self.progress.commit(i, payload.tensors, payload.counts(), inputs.hidden() if inputs is not None else None)
+        decoder_layers(self.src.model)[1][i] = torch.nn.Module()  # drop the block: its bytes are on disk now
         release_freed_memory()
 
-    run_sequential(model, inside, bq, calib=calib, batch_size=opts.batch_size, progress=opts.progress,
-                   desc=f"{plan.name} {recipe.scheme.name}", true_sequential=opts.gptq.true_sequential,
-                   prepare=bq.prepare, hessian=bq.hessian, act_amax=act_amax, load_block=load_block,
-                   block_done=block_done, start=start, hidden=progress.hidden() if calibrated else None,
-                   outside_blocks=False)
-    info = {"method": plan.name, **bq.info, "recipe": recipe.to_dict(), "source": source,
-            "calib": opts.calib if calibrated else None, "seed": opts.seed,
-            "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])} if calibrated else None,
-            **(extra_info or {})}
-    if dist_rank_world()[0] == 0:
-        _finish(model, ckpt, groups, targets, bq, tok, out, progress, info, opts.float_dtype)
-    _sync()
-    info["seconds"] = time.time() - t0
-    info["resumed_from_block"] = start
-    info["preflight"] = pred.to_dict()
-    return info
+
+def _write_output(src: CheckpointSource, progress: "Progress", bq, out: Path, describe) -> None:
+    from safetensors import safe_open
+
+    model, ckpt, float_dtype = src.model, src.ckpt, src.job.float_dtype
+    n = progress.n_blocks
+    total = Payload()
+    for i in range(n):
+        total.merge(Payload.from_counts(progress.blocks[str(i)]))
+    weight_map = {}
+    emb_key = f"{_module_name(model, model.get_input_embeddings())}.weight"
+    head = _head_name(model)
+    # a tied head the recipe quantizes becomes its own tensor, made from the embedding table
+    head_from_table = (head in bq.targets and getattr(model.config, "tie_word_embeddings", False)
+                       and f"{head}.weight" not in ckpt.where)
+    with atomic_dir(out) as tmp:
+        for i in range(n):
+            shard = progress.dir / progress.shard_name(i)
+            try:
+                os.link(shard, tmp / shard.name)  # same filesystem: no copy, and the work folder stays whole until the end
+            except OSError:
+                shutil.copyfile(shard, tmp / shard.name)
+            with safe_open(str(tmp / shard.name), framework="pt") as h:
+                weight_map.update({k: shard.name for k in h.keys()})
+        for j, keys in enumerate(src.groups):
+            name = progress.shard_name(n + j)
+            if not any(k.removesuffix(".weight") in bq.targets or (k == emb_key and head_from_table) for k in keys):
+                total.float_bytes += copy_float_shard(ckpt, keys, float_dtype, tmp / name)  # embedding, head: a slice at a time
+                weight_map.update({k: name for k in keys})
+                continue
+            part = Payload()
+            for k, t in ckpt.load(keys).items():
+                module = k.removesuffix(".weight")
+                if k.endswith(".weight") and module in bq.targets:  # a Linear outside the blocks: round to nearest
+                    part.add_layer(module, bq(module, t.to(torch.float32), None))
+                    continue
+                if k == emb_key and head_from_table:
+                    part.add_layer(head, bq(head, t.to(torch.float32), None))
+                    model.config.tie_word_embeddings = False
+                part.add_float(k, t, float_dtype)
+            save_tensors(part.tensors, tmp / name, {"format": "lowbit"})
+            weight_map.update({k: name for k in part.tensors})
+            total.merge(part)
+            del part
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total.quantized_bytes + total.float_bytes},
+                                             "weight_map": weight_map}, indent=1, sort_keys=True) + "\n")
+        write_model_files(tmp, model.config, src.tokenizer, total.modules, float_dtype, describe(total))
+    shutil.rmtree(progress.dir, ignore_errors=True)
 
 
-def _preflight(ckpt, model, prefix, n_blocks, inside, bq, recipe, opts, calib, out):
+def _head_name(model) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return _module_name(model, head) if head is not None else None
+
+
+def _preflight(ckpt, model, prefix, n_blocks, inside, bq, job, calib, out):
     from lowbit.models.adapters import attention_heads
     from lowbit.quantization.preflight import Job, Machine, check_fits, env_skip, predict
 
@@ -277,24 +286,25 @@ def _preflight(ckpt, model, prefix, n_blocks, inside, bq, recipe, opts, calib, o
     inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
     quantizer = "gptq" if bq.plan.quantizer == "gptq" and calib is not None else "rtn"
     world = dist_rank_world()[1]
+    batch_size = job.calibration.batch_size
 
-    def job(samples):
+    def job_for(samples):
         tokens = (samples * calib.shape[1] // world) if calib is not None else 0
         return Job(ckpt, prefix, n_blocks, dict(inside), cfg.hidden_size, inter, heads, tokens,
-                   calib.shape[1] if calib is not None else 0, opts.batch_size, quantizer, bq.hessian,
-                   torch.finfo(opts.float_dtype).bits // 8)
+                   calib.shape[1] if calib is not None else 0, batch_size, quantizer, bq.hessian,
+                   torch.finfo(job.float_dtype).bits // 8)
 
     widths = {ckpt.shapes[f"{n}.weight"][1]: f"{n}.weight" for n in reversed(list(inside)) if f"{n}.weight" in ckpt.shapes}
     if not widths:
         raise UserError("the recipe quantizes no Linear inside the decoder blocks")
-    machine = Machine.measure(ckpt, recipe.scheme, quantizer, widths)
+    machine = Machine.measure(ckpt, job.recipe.scheme, quantizer, widths)
     n = int(calib.shape[0]) if calib is not None else 0
-    pred = predict(job(n), machine, out)
+    pred = predict(job_for(n), machine, out)
     if dist_rank_world()[0] == 0:
         for line in pred.lines():
             print(line, flush=True)
     if not env_skip():
-        check_fits(pred, n or None, lambda k: predict(job(k), machine, out))
+        check_fits(pred, n or None, lambda k: predict(job_for(k), machine, out))
     return pred
 
 
@@ -349,69 +359,3 @@ def outside_groups(ckpt: LazyCheckpoint, prefix: str, big: int = 64 << 20) -> li
     large = [[k] for k in outside if ckpt.nbytes([k]) >= big]
     small = [k for k in outside if ckpt.nbytes([k]) < big]
     return large + ([small] if small else [])
-
-
-def _finish(model, ckpt, groups, targets, bq, tok, out, progress, info, float_dtype) -> None:
-    """The shards outside the blocks, the index, config, tokenizer and lowbit.json; the
-    output folder appears in one rename."""
-    from safetensors import safe_open
-
-    config = model.config
-    n = progress.n_blocks
-    blocks = [progress.blocks[str(i)] for i in range(n)]
-    modules, weight_map = {}, {}
-    qbytes = sum(b["quantized_bytes"] for b in blocks)
-    fbytes = sum(b["float_bytes"] for b in blocks)
-    for b in blocks:
-        modules.update(b["modules"])
-    emb_key = f"{_module_name(model, model.get_input_embeddings())}.weight"
-    head_from_table = ("lm_head" in targets and getattr(config, "tie_word_embeddings", False)
-                       and "lm_head.weight" not in ckpt.where)
-    with atomic_dir(out) as tmp:
-        for i in range(n):
-            src = progress.dir / progress.shard_name(i)
-            try:
-                os.link(src, tmp / src.name)  # same filesystem: no copy, and the work folder stays whole until the end
-            except OSError:
-                shutil.copyfile(src, tmp / src.name)
-            with safe_open(str(tmp / src.name), framework="pt") as h:
-                weight_map.update({k: src.name for k in h.keys()})
-        for j, keys in enumerate(groups):
-            name = progress.shard_name(n + j)
-            if not any(k.removesuffix(".weight") in targets or (k == emb_key and head_from_table) for k in keys):
-                fbytes += copy_float_shard(ckpt, keys, float_dtype, tmp / name)  # embedding, head: a slice at a time
-                weight_map.update({k: name for k in keys})
-                continue
-            tensors = {}
-            for k, t in ckpt.load(keys).items():
-                name = k.removesuffix(".weight")
-                if k.endswith(".weight") and name in targets:  # a Linear outside the blocks the recipe quantizes
-                    qt = bq(name, t.to(torch.float32), None)
-                    tensors.update(qt.tensors(prefix=f"{name}.qweight."))
-                    modules[name], qbytes = qt.meta(), qbytes + qt.nbytes
-                    continue
-                if k == emb_key and head_from_table:  # a tied head the recipe quantizes: its own tensor from now on
-                    qt = bq("lm_head", t.to(torch.float32), None)
-                    tensors.update(qt.tensors(prefix="lm_head.qweight."))
-                    modules["lm_head"], qbytes = qt.meta(), qbytes + qt.nbytes
-                    config.tie_word_embeddings = False
-                t = t.to(float_dtype) if t.is_floating_point() else t
-                tensors[k] = t.contiguous()
-                fbytes += t.numel() * t.element_size()
-            save_tensors(tensors, tmp / name, {"format": "lowbit"})
-            weight_map.update({k: name for k in tensors})
-            del tensors
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": qbytes + fbytes}, "weight_map": weight_map},
-                                            indent=1, sort_keys=True) + "\n")
-        config.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        info["bytes"] = {"quantized_bytes": qbytes, "float_bytes": fbytes, "total_bytes": qbytes + fbytes}
-        info["quantized_modules"] = len(modules)
-        if bq.plan.outlier_split:
-            kept = sum(b["float_input_channels"] for b in blocks)
-            total = sum(b["input_channels"] for b in blocks)
-            info["outlier_split"] = {"threshold": bq.mopts.outlier_threshold, "float_input_channels": kept,
-                                     "float_fraction": kept / max(total, 1)}
-        (tmp / "lowbit.json").write_text(json.dumps(lowbit_meta(modules, float_dtype, info), indent=1, sort_keys=True) + "\n")
-    shutil.rmtree(progress.dir, ignore_errors=True)

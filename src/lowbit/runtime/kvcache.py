@@ -40,9 +40,10 @@ class QuantizedKVLayer(BaseQuantizedLayer):
 
     def _dequantize(self, q):
         codes, s = q
-        return dequantize_grouped(codes, s.float(), None, self.scheme).to(self.dtype)
+        return dequantize_grouped(codes, s.float(), None, self.scheme).to(self.out_dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.out_dtype = key_states.dtype  # what the attention reads back (transformers' layers no longer record it)
         self.cumulative_length += key_states.shape[-2]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

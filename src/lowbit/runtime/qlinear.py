@@ -9,29 +9,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.core.layer import QuantizedLayer
+from lowbit.core.qparams import quantize_activations
 from lowbit.core.tensor import QuantizedTensor
+from lowbit.core.transforms import apply_input_transform
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight is a QuantizedTensor ([out_features, in_features]).
+    """A Linear that runs a QuantizedLayer: its weight codes ([out_features, in_features])
+    and the extras a method added.
 
     When the scheme quantizes activations (W8A8, W4A4, FP8), the input is rounded onto
     the activation grid before the multiply: per token from its own absmax (dynamic) or
-    with `act_scale`, calibrated once (static). Two optional extras ride along:
-    `input_transform='hadamard'` (QuaRot's online Hadamard: the input is rotated first,
-    the weight was stored rotated to match) and `float_cols` (LLM.int8-style split: those
-    input channels skip activation quantization and multiply `float_weight` instead; their
-    columns in the quantized weight are zero).
+    with `act_scale`, calibrated once (static). An input transform (QuaRot's online
+    Hadamard) rotates the input first; float-kept input channels (LLM.int8-style split)
+    skip activation rounding and multiply `float_weight` instead.
     """
 
     # "auto": a packed kernel for bf16/fp16 activations (the deployment dtypes), the reference
     # path for fp32 (exact numerics, used when measuring quality); "reference": always the reference
     policy = "auto"
 
-    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None, *,
-                 act_scale: torch.Tensor | None = None, input_transform: str | None = None,
-                 float_cols: torch.Tensor | None = None, float_weight: torch.Tensor | None = None):
+    def __init__(self, layer: QuantizedLayer, bias: torch.Tensor | None = None):
         super().__init__()
+        qweight = layer.weight
         self.out_features, self.in_features = qweight.shape
         self.scheme = qweight.scheme
         # buffers, so .to(device) and state_dict() carry the packed data itself. Scales are
@@ -41,42 +42,19 @@ class QuantLinear(nn.Module):
         zp = qweight.zero_point
         self.register_buffer("zero_point", _scale_bits(zp) if zp is not None and self.scheme.float_zero else zp)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        acts = self.scheme.activations
+        act_scale, acts = layer.act_scale, self.scheme.activations
         if acts is not None and not acts.dynamic and act_scale is None:
             raise ValueError(f"static activation scheme {acts.name} needs a calibrated act_scale")
         self.register_buffer("act_scale", act_scale.reshape(1).float().clone() if act_scale is not None else None)
-        if input_transform not in (None, "hadamard"):
-            raise ValueError(f"unknown input transform {input_transform!r}")
-        self.input_transform = input_transform
-        if (float_cols is None) != (float_weight is None):
-            raise ValueError("float_cols and float_weight come together")
-        self.register_buffer("float_cols", float_cols.long().clone() if float_cols is not None else None)
-        self.register_buffer("float_weight", float_weight.detach().clone() if float_weight is not None else None)
-
-    @classmethod
-    def from_meta(cls, qweight: QuantizedTensor, extras: dict, has_bias: bool) -> "QuantLinear":
-        """An empty QuantLinear with room for the extras `extra_meta()` listed (load_state_dict fills them)."""
-        k = extras.get("float_cols", 0)
-        return cls(qweight, torch.zeros(qweight.shape[0]) if has_bias else None,
-                   act_scale=torch.ones(1) if extras.get("act_scale") else None,
-                   input_transform=extras.get("input_transform"),
-                   float_cols=torch.zeros(k, dtype=torch.long) if k else None,
-                   float_weight=torch.zeros(qweight.shape[0], k) if k else None)
-
-    def extra_meta(self) -> dict:
-        out = {}
-        if self.act_scale is not None:
-            out["act_scale"] = True
-        if self.input_transform:
-            out["input_transform"] = self.input_transform
-        if self.float_cols is not None:
-            out["float_cols"] = int(self.float_cols.numel())
-        return out
+        self.input_transform = layer.input_transform
+        fc, fw = layer.float_cols, layer.float_weight
+        self.register_buffer("float_cols", fc.long().clone() if fc is not None else None)
+        self.register_buffer("float_weight", fw.detach().clone() if fw is not None else None)
+        self.plain = layer.weight_only  # the case packed weight-only kernels serve
 
     @property
-    def plain(self) -> bool:
-        """Weight-only with nothing extra: the case packed weight-only kernels serve."""
-        return self.scheme.activations is None and self.input_transform is None and self.float_cols is None
+    def layer(self) -> QuantizedLayer:
+        return QuantizedLayer(self.qweight, self.act_scale, self.input_transform, self.float_cols, self.float_weight)
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -109,11 +87,7 @@ class QuantLinear(nn.Module):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize the whole weight, then multiply: the numerics every kernel is held to."""
-        from lowbit.core.qparams import quantize_activations
-
-        if self.input_transform == "hadamard":
-            from lowbit.core.transforms import hadamard_transform
-            x = hadamard_transform(x)
+        x = apply_input_transform(x, self.input_transform)
         x_float = None
         if self.float_cols is not None:
             x_float = x.index_select(-1, self.float_cols)
@@ -145,7 +119,7 @@ class QuantLinear(nn.Module):
         return k.name if k is not None else "reference"
 
     def extra_repr(self) -> str:
-        extra = "".join(f", {k}={v}" for k, v in self.extra_meta().items())
+        extra = "".join(f", {k}={v}" for k, v in self.layer.extras_meta().items())
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{extra}"
 
 
@@ -184,20 +158,11 @@ def dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     return out
 
 
-def install(model: nn.Module, qtensors: dict[str, QuantizedTensor], extras: dict[str, dict] | None = None) -> nn.Module:
-    """Swap each named Linear (or GPT-2 Conv1D) for a QuantLinear holding its QuantizedTensor.
-
-    `extras[name]` may carry act_scale / float_cols / float_weight for that module; a
-    Linear that applies an online Hadamard to its input keeps doing so.
-    """
-    extras = extras or {}
-    for name, qt in qtensors.items():
-        old = model.get_submodule(name)
-        bias = getattr(old, "bias", None)
-        kw = dict(extras.get(name, {}))
-        if getattr(old, "input_transform", None):
-            kw["input_transform"] = old.input_transform
-        replace_module(model, name, QuantLinear(qt, bias.float() if bias is not None else None, **kw))
+def install(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
+    """Swap each named Linear (or GPT-2 Conv1D) for a QuantLinear running its QuantizedLayer."""
+    for name, layer in layers.items():
+        bias = getattr(model.get_submodule(name), "bias", None)
+        replace_module(model, name, QuantLinear(layer, bias.float() if bias is not None else None))
     return model
 
 

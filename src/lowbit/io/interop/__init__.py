@@ -83,11 +83,9 @@ def _check_weight_only(model, fmt: str) -> None:
     from lowbit.runtime.qlinear import quantized_modules
 
     for name, m in quantized_modules(model).items():
-        extra = ("rotates its input (online Hadamard)" if m.input_transform else
-                 "keeps outlier input channels in float" if m.float_cols is not None else
-                 f"quantizes its activations ({m.scheme.activations.name})" if m.scheme.activations is not None else None)
+        extra = m.layer.beyond_weight_codes()
         if extra:
-            raise UserError(f"{name} {extra}; the {fmt} export holds weight-only codes, so a loader would compute "
+            raise UserError(f"{name} {' and '.join(extra)}; the {fmt} export holds weight-only codes, so a loader would compute "
                             "something else (export weight-only methods and schemes: rtn/gptq/awq, w*a16)")
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from lowbit.core.layer import QuantizedLayer
 from lowbit.errors import UserError
-from lowbit.io.files import atomic_dir
+from lowbit.io.files import atomic_dir, check_output
 from lowbit.runtime.qlinear import QUANT_BUFFERS, float_state, install
 
 
@@ -23,9 +24,7 @@ def write_checkpoint(out: str | Path, model, tokenizer, tensors: dict[str, torch
     """model.safetensors + config.json (with quantization_config) + tokenizer; appears whole or not at all."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise UserError(f"{out}: exists and is not a checkpoint directory; choose a new --out")
+    out = check_output(out)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
@@ -93,7 +92,7 @@ def assemble(path: str | Path, qtensors: dict, tensors: dict[str, torch.Tensor],
         del config.quantization_config  # lowbit runs the QuantLinears itself
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    install(model, qtensors)
+    install(model, {n: QuantizedLayer(qt) for n, qt in qtensors.items()})
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)
     missing = [k for k in missing if k.rpartition(".")[2] not in QUANT_BUFFERS

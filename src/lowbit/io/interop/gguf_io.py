@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit.core.layer import QuantizedLayer
 from lowbit.core.scheme import GGUF_PRESETS, Scheme
 from lowbit.core.tensor import QuantizedTensor, pack_codes
 from lowbit.errors import UserError
-from lowbit.io.files import atomic_path
+from lowbit.io.files import GGUF_WRITER_KEY, atomic_path, check_output
 
 BLOCK = 32
 
@@ -237,7 +238,7 @@ def import_gguf(path: str | Path):
         if heads:
             qt = _permute_rows(qt, torch.argsort(_row_permutation(heads, rows)))
         qts[name] = qt
-    install(model, qts)
+    install(model, {n: QuantizedLayer(qt) for n, qt in qts.items()})
     model.eval()
     return model, tok, qts
 
@@ -333,6 +334,7 @@ def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, sou
         if m.bias is not None:
             tensors.append((gname.removesuffix(".weight") + ".bias", m.bias.detach().float().numpy(), None))
 
+    out = check_output(out, file=True)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         _write_metadata(w, config, tokenizer_dir, source_gguf, name, qmods)
@@ -351,6 +353,7 @@ def _write_metadata(w, config, tokenizer_dir, source_gguf, name, qmods) -> None:
     gguf = _gguf()
     heads = config.num_attention_heads
     w.add_name(name)
+    w.add_string(GGUF_WRITER_KEY, "lowbit")  # marks the file as lowbit's: a later export may replace it
     w.add_context_length(getattr(config, "max_position_embeddings", 2048))
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
