@@ -181,6 +181,7 @@ def test_analyze_cli_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+@pytest.mark.slow  # 1-2.5 minutes on 2 cores: make test-slow
 def test_analyze_embedded_model_writes_report_and_json(tmp_path, capsys):
     out = tmp_path / "r.html"
     assert main(["--quiet", "analyze", "smollm2-135m", "--seq-len", "64", "--sets", "2", "--windows", "2",
@@ -196,6 +197,7 @@ def test_analyze_embedded_model_writes_report_and_json(tmp_path, capsys):
     assert any(s["outliers"]["persistent"] for s in res["sites"] if s["kind"] == "down")
 
 
+@pytest.mark.slow  # 1-2.5 minutes on 2 cores: make test-slow
 def test_quantize_attaches_quality_table_and_probes_to_a_report(tmp_path, capsys):
     out = tmp_path / "q.html"
     assert main(["--quiet", "quantize", "smollm2-135m", "--method", "rtn", "--scheme", "w4a16-g64-asym", "--seq-len", "64",

@@ -108,3 +108,86 @@ def test_lowbit_json_reader_on_garbage(tmp_path, meta):
     (d / "lowbit.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
     with pytest.raises(UserError):
         load_quantized(d)
+
+
+# ---- the CLI's numeric arguments (hostile-input sweep): one line and exit 2, or figures that make sense
+
+NUMBER_TEXT = st.one_of(
+    st.integers(-10**13, 10**13).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["nan", "inf", "-inf", "1e400", "-0", "0x10", "1_000", "\u0664", "", " ", "1e-400", "3.", ".5", "9" * 40]),
+    st.text(max_size=6),
+)
+NUMERIC_FLAGS = {
+    "quantize": ["--samples", "--seq-len", "--batch-size", "--target-bits", "--alpha", "--outlier-threshold", "--qat-steps",
+                 "--report-windows"],
+    "eval": ["--seq-len", "--max-windows"],
+    "generate": ["--max-new-tokens"],
+    "analyze": ["--sets", "--windows", "--new-tokens", "--sensitivity-windows", "--seq-len"],
+    "plan": ["--batch", "--seq-len", "--headroom", "--max-gpus", "--replicas", "--target-tokens-per-s", "--layers", "--hidden",
+             "--heads", "--kv-heads", "--head-dim", "--intermediate", "--vocab"],
+}
+BASE = {"quantize": ["smollm2-135m", "--out", "o"], "eval": ["smollm2-135m"], "generate": ["smollm2-135m", "--prompt", "hi"],
+        "analyze": ["smollm2-135m"], "plan": ["7e9", "--layers", "4", "--hidden", "256", "--heads", "4"]}
+
+
+def _one_line_or_value(argv, capsys):
+    """Parse argv: either one line on stderr and exit 2, or the parsed namespace."""
+    from lowbit.cli.parser import build_parser
+
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as e:
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert e.code == 2 and len(err) == 1 and "Traceback" not in err[0], (argv, e.code, err)
+        return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cmd_flag=st.sampled_from([(c, f) for c, fs in NUMERIC_FLAGS.items() for f in fs]), value=NUMBER_TEXT)
+def test_cli_numeric_arguments_parse_to_a_usable_value_or_one_line(cmd_flag, value, capsys):
+    import math
+
+    cmd, flag = cmd_flag
+    args = _one_line_or_value([cmd, *BASE[cmd], f"{flag}={value}"], capsys)
+    if args is not None:
+        v = getattr(args, flag[2:].replace("-", "_"))
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, (flag, value, v)
+        if isinstance(v, int) and flag not in ("--headroom",):
+            assert v >= 1, (flag, value, v)  # counts and lengths: at least one
+
+
+def _numbers(obj):
+    if isinstance(obj, bool) or obj is None:
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=st.one_of(st.integers(-10**13, 10**13).map(str), st.sampled_from(["7e9", "-7e9", "nan", "1e400", "0", "x"])),
+       flag=st.sampled_from(NUMERIC_FLAGS["plan"]), value=NUMBER_TEXT)
+def test_plan_never_prints_a_negative_or_nan_figure(params, flag, value, capsys):
+    """The planner runs in full here (it is cheap): exit 0 with sane figures, or one line and exit 2."""
+    import math
+
+    from lowbit.cli import main
+
+    try:
+        rc = main(["plan", "--json", "--layers", "4", "--hidden", "256", "--heads", "4", f"{flag}={value}", "--", params])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    if rc == 2:
+        assert len(lines) == 1 and "Traceback" not in err, (params, flag, value, err)
+        return
+    assert rc == 0, (params, flag, value, rc, err)
+    figures = list(_numbers(json.loads(out)))
+    assert figures and all(math.isfinite(x) and x >= 0 for x in figures), (params, flag, value)

@@ -213,6 +213,7 @@ def test_gptq_v1_cannot_hold_a_zero_point_of_zero():
 
 # ---- CLI -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 1-2.5 minutes on 2 cores: make test-slow
 def test_cli_quantize_export_import_eval(tmp_path, capsys):
     import json
 

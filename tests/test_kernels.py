@@ -50,6 +50,15 @@ def test_native_kernels_build_where_the_cpu_has_avx512_bf16():
     assert NATIVE
 
 
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
+    # torch waits forever on the `lock` file a killed compile leaves in its build folder
+    build = tmp_path / "lowbit_cpu"
+    build.mkdir()
+    (build / "lock").touch()
+    with native._build_lock(build):
+        assert not (build / "lock").exists()
+
+
 @pytest.mark.parametrize("kernel,name,shape,dtype", _supported())
 def test_kernel_matches_reference(kernel, name, shape, dtype):
     torch.manual_seed(0)

@@ -91,6 +91,7 @@ def test_hadamard_of_an_unbuildable_order_is_a_clear_error():
 FIRST_BLOCKS = ["model.layers.[0-5].*"]  # keeps the slow searches short; the comparison is like for like
 
 
+@pytest.mark.slow  # 1-2.5 minutes on 2 cores: make test-slow
 def test_awq_beats_rtn_at_w3_g64(embedded, wiki_windows):
     base, _ = embedded
     calib, held_out = wiki_windows
@@ -102,6 +103,7 @@ def test_awq_beats_rtn_at_w3_g64(embedded, wiki_windows):
     assert kl["awq"] < 0.8 * kl["rtn"]
 
 
+@pytest.mark.slow  # 1-2.5 minutes on 2 cores: make test-slow
 def test_smoothquant_w8a8_beats_naive_w8a8(embedded, wiki_windows, tmp_path):
     base, _ = embedded
     calib, held_out = wiki_windows
@@ -115,6 +117,7 @@ def test_smoothquant_w8a8_beats_naive_w8a8(embedded, wiki_windows, tmp_path):
     assert isinstance(q, QuantLinear) and q.scheme.activations.name == "int8-token"
 
 
+@pytest.mark.slow  # 1-2.5 minutes on 2 cores: make test-slow
 def test_rotation_makes_w4a4_usable(embedded, wiki_windows):
     base, _ = embedded
     calib, held_out = wiki_windows
@@ -163,6 +166,7 @@ def test_outlier_split_keeps_float_channels_out_of_activation_rounding():
     assert err_split < 0.01 < err_plain
 
 
+@pytest.mark.slow  # 1-2.5 minutes on 2 cores: make test-slow
 def test_mixed_precision_at_3_5_bits_beats_uniform_3_bit(embedded, wiki_windows):
     from lowbit.algorithms.mixed import mixed_recipe
 

@@ -43,17 +43,22 @@ def _cpu_model() -> str:
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_streamed_and_in_memory_outputs_equal_the_code_before_the_one_flow(method, tmp_path):
-    streamed = lowbit.quantize("smollm2-135m", method=method, out=tmp_path / "s", **ARGS)
-    memory = lowbit.quantize("smollm2-135m", method=method, out=tmp_path / "m", stream=False, **ARGS)
+    # RTN is pure elementwise float32 arithmetic: the same bytes on any host. GPTQ's bytes
+    # follow GEMM summation order (threads, ISA), so they are held to the reference where it
+    # was made; elsewhere streamed == in-memory is checked on the first two blocks (the whole
+    # model takes ~7 minutes of GPTQ on 2 cores).
+    same_host = REFERENCE["cpu"] in _cpu_model() and torch.get_num_threads() == REFERENCE["threads"]
+    whole = method == "rtn" or same_host
+    args = ARGS if whole else {**ARGS, "include": ["model.layers.0.*", "model.layers.1.*"]}
+    streamed = lowbit.quantize("smollm2-135m", method=method, out=tmp_path / "s", **args)
+    memory = lowbit.quantize("smollm2-135m", method=method, out=tmp_path / "m", stream=False, **args)
     assert streamed.info["resumed_from_block"] == 0 and "resumed_from_block" not in memory.info  # it did stream
     s, m = tensor_digests(tmp_path / "s"), tensor_digests(tmp_path / "m")
     assert s == m
     assert json.loads((tmp_path / "s" / "lowbit.json").read_text()) == json.loads((tmp_path / "m" / "lowbit.json").read_text())
-    # RTN is pure elementwise float32 arithmetic: the same bytes on any host. GPTQ's bytes
-    # follow GEMM summation order (threads, ISA), so they are held to the reference where it was made.
-    same_host = REFERENCE["cpu"] in _cpu_model() and torch.get_num_threads() == REFERENCE["threads"]
-    if method == "gptq" and not same_host:
-        pytest.skip(f"GPTQ reference made on {REFERENCE['cpu']} with {REFERENCE['threads']} threads; this is {_cpu_model()}")
+    if not whole:
+        pytest.skip(f"GPTQ reference made on {REFERENCE['cpu']} with {REFERENCE['threads']} threads; this is {_cpu_model()}: "
+                    "streamed == in-memory checked on two blocks")
     assert s == REFERENCE["runs"][method]["tensors"]
     assert streamed._model is None  # nothing held in memory after a streamed run...
     layers = streamed.layers  # ...until asked for

@@ -215,3 +215,84 @@ def test_misleading_inputs_get_their_own_message(lowbit_out, tmp_path, capsys):
     assert "--prompt is empty" in _refused(capsys, "generate", "smollm2-135m", "--prompt", " ")
     msg = _refused(capsys, "export", str(lowbit_out), "--format", "gptq", "--requantize", "q4_0", "--out", str(tmp_path / "g"))
     assert "apply to the gguf export" in msg and not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("edit, what", [
+    (lambda m: m["scheme"].update(format="nf4"), "scheme.format is 'int4' where the codes were written, 'nf4' in lowbit.json"),
+    (lambda m: m["scheme"].update(group_size=64), "scheme.group_size is 32 where the codes were written, 64 in lowbit.json"),
+    (lambda m: m.update(shape=[1536, 576]), "shape is [576, 1536] where the codes were written"),
+])
+def test_a_lowbit_json_that_disagrees_with_the_stored_codes_is_refused(lowbit_out, tmp_path, capsys, edit, what):
+    """Findings 5 and 7: an int4 module edited to nf4 loaded and evaluated (same code bytes, other values)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(lowbit_out, bad)
+    meta = json.loads((bad / "lowbit.json").read_text())
+    edit(meta["modules"]["model.layers.3.mlp.down_proj"])
+    (bad / "lowbit.json").write_text(json.dumps(meta))
+    msg = _refused(capsys, "eval", str(bad), "--seq-len", "32", "--max-windows", "1")
+    assert "disagrees with model-00004-of-" in msg and "model.layers.3.mlp.down_proj" in msg and what in msg, msg
+
+
+def test_lengths_beyond_the_models_context_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Finding 8: eval --seq-len 100000 ran 150 s before it was stopped."""
+    monkeypatch.chdir(tmp_path)
+    assert "exceeds the model's context of 8192" in _refused(capsys, "eval", "smollm2-135m", "--seq-len", "100000")
+    assert "exceeds the model's context of 8192" in _refused(capsys, "generate", "smollm2-135m", "--prompt", "hi",
+                                                              "--max-new-tokens", "9000")
+    assert "exceeds the model's context of 8192" in _refused(capsys, "quantize", "smollm2-135m", "--seq-len", "9000", "--out", "o")
+    assert os.listdir(tmp_path) == []
+
+
+def test_plan_says_when_no_fleet_fits(capsys):
+    """Finding 7: --seq-len 10^12 said '1024 GPUs per replica would fit' while 57 M GiB short per GPU."""
+    from lowbit.cli import main
+
+    assert main(["plan", "7e9", "--layers", "32", "--hidden", "4096", "--heads", "32", "--seq-len", str(10**12)]) == 0
+    out = capsys.readouterr().out
+    assert "still short at 1024 GPUs per replica" in out and "would fit" not in out.split("suggestion:")[1]
+
+
+def test_a_gguf_source_is_checked_before_it_is_dequantized_whole(tmp_path, monkeypatch):
+    """Finding 3: a vocabulary-only GGUF with 8B-model dimensions grew to 23 GB."""
+    import resource
+
+    import gguf
+    import psutil
+    import torch
+
+    from lowbit.errors import UserError
+    from lowbit.models.load import check_gguf_fits, embedded_gguf
+
+    vocab = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(vocab), "llama")
+    w.add_block_count(32)
+    w.add_embedding_length(4096)
+    w.add_feed_forward_length(14336)
+    w.add_head_count(32)
+    w.add_token_list([f"t{i}" for i in range(1000)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    r = subprocess.run([sys.executable, "-m", "lowbit", "--quiet", "quantize", str(vocab), "--method", "rtn", "--out", "o"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300, preexec_fn=cap)
+    assert "holds no weight tensors" in _one_line_exit_2(r)
+    assert sorted(os.listdir(tmp_path)) == ["vocab.gguf"]
+    check_gguf_fits(embedded_gguf("smollm2-135m"), torch.float32)  # 135M parameters fit
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 100 << 20})())
+    with pytest.raises(UserError, match=r"needs about 1\.1 GB and 0\.1 GB is available"):
+        check_gguf_fits(embedded_gguf("smollm2-135m"), torch.float32)
+
+
+def test_quiet_means_quiet_for_a_gguf_source(tmp_path):
+    """Finding 8: --quiet still showed transformers' GGUF conversion bar."""
+    from lowbit.models.load import embedded_gguf
+
+    src = tmp_path / "m.gguf"
+    shutil.copy(embedded_gguf("smollm2-135m"), src)
+    r = _cli("eval", str(src), "--seq-len", "32", "--max-windows", "1")
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-500:]

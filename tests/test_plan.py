@@ -110,3 +110,47 @@ def test_plan_cli_json_and_errors(tmp_path):
     bad.write_text("{oops")
     r = subprocess.run([sys.executable, "-m", "lowbit", "plan", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+# public configs (the fields the planner reads), as their model cards publish them
+MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "vocab_size": 32000, "tie_word_embeddings": False}
+DEEPSEEK_V3 = {"model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+               "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
+               "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+               "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+               "vocab_size": 129280, "tie_word_embeddings": False}
+QWEN3_30B_A3B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                 "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                 "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "vocab_size": 151936, "tie_word_embeddings": False}
+OLMOE_1B_7B = {"model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+               "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+               "vocab_size": 50304, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("cfg, total, active", [
+    (MIXTRAL_8X7B, 46.7e9, 12.9e9), (DEEPSEEK_V3, 671e9, 37.5e9), (QWEN3_30B_A3B, 30.5e9, 3.3e9), (OLMOE_1B_7B, 6.9e9, 1.3e9)])
+def test_mixture_of_experts_total_and_active_parameters(cfg, total, active):
+    """The model cards' totals (memory) and active counts (decode bytes and FLOPs per token)."""
+    arch = arch_from_hf_config(cfg)
+    assert arch.parameters == pytest.approx(total, rel=0.005)
+    assert arch.active_parameters == pytest.approx(active, rel=0.02)
+
+
+def test_mixtral_memory_follows_all_experts_and_decode_only_the_routed_ones(tmp_path):
+    arch = arch_from_hf_config(MIXTRAL_8X7B)
+    p = plan(PlanInput(arch=arch, scheme=None, recipe=None, device=CATALOG["h100-sxm"], batch=1, seq_len=4096))
+    assert p.weight_bytes == 0 and p.float_bytes == pytest.approx(2 * 46.7e9, rel=0.005)  # every expert is stored
+    assert not p.fits or p.tensor_parallel >= 2  # 93 GB of fp16 weights: not on one 80 GB card
+    # batch 1 reads the dense parts and 2 of 8 experts per layer: ~12.9B parameters' bytes
+    assert p.roofline["decode_weight_bytes_per_step"] == pytest.approx(2 * 12.9e9, rel=0.01)
+    big = plan(PlanInput(arch=arch, scheme=None, recipe=None, device=CATALOG["h100-sxm"], batch=64, seq_len=1024))
+    assert big.roofline["decode_weight_bytes_per_step"] == pytest.approx(p.float_bytes, rel=0.01)  # 64 tokens reach every expert
+    q = weight_bytes(arch, Recipe(scheme=Scheme.parse("w4a16-g128")))
+    assert q["weight_bytes"] == pytest.approx(0.5 * (46.7e9 - 0.262e9 - 32 * 8 * 4096), rel=0.002)  # router, embeddings stay float
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(MIXTRAL_8X7B))
+    r = subprocess.run([sys.executable, "-m", "lowbit", "plan", str(cfg), "--scheme", "w4a16-g128"], capture_output=True, text=True)
+    assert r.returncode == 0 and "46.703B parameters (12.880B active per token)" in r.stdout, r.stdout + r.stderr

@@ -75,7 +75,7 @@ def cmd_quantize(args) -> int:
             print(f"{key}: {json.dumps(res.info[key])}")
     print(f"quantized {res.info['quantized_modules']} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
-          f"{b['float_bytes'] / 1e6:.1f} MB float)")
+          f"{b['float_bytes'] / 1e6:.1f} MB float; {100 * res.info['quantized_weight_fraction']:.1f}% of weight-matrix parameters quantized)")
     return 0
 
 
@@ -197,6 +197,7 @@ def cmd_import(args) -> int:
 def cmd_eval(args) -> int:
     check_text_source(args.text)
     model, tok = load(args.model)
+    _check_context(model, args.seq_len, "--seq-len")
     _, windows = text_windows(tok, args.text, args.text_field, args.seq_len, eval_max=args.max_windows)
     models = {"model": model}
     baseline = None
@@ -211,6 +212,13 @@ def cmd_eval(args) -> int:
         for k, v in res.items():
             print(f"{k:16s} {v if not isinstance(v, float) else f'{v:.4f}'}")
     return 0
+
+
+def _check_context(model, length: int, what: str) -> None:
+    """Positions past the model's context are extrapolation at best and hours of work at worst."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and length > ctx:
+        raise UserError(f"{what} = {length} tokens exceeds the model's context of {ctx} tokens (max_position_embeddings)")
 
 
 def cmd_demo(args) -> int:
@@ -266,6 +274,9 @@ def cmd_plan(args) -> int:
         arch = Arch(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads or args.heads,
                     head_dim=args.head_dim or args.hidden // args.heads, intermediate=args.intermediate or 4 * args.hidden,
                     vocab=args.vocab or 32000, name=f"{params / 1e9:g}B", params_override=params)
+        if params < arch.vocab * arch.hidden:
+            raise UserError(f"{args.model} parameters is fewer than the embedding table alone ({arch.vocab} x {arch.hidden}); "
+                            "give the model's total parameter count (or --vocab/--hidden)")
     else:
         arch, recipe = read_model(args.model)
     scheme = Scheme.parse(args.scheme) if args.scheme else None
@@ -340,6 +351,7 @@ def cmd_generate(args) -> int:
     model, tok = load(args.model, dtype)
     model.set_attn_implementation(register_attention())
     ids = tok(args.prompt, return_tensors="pt").input_ids
+    _check_context(model, ids.shape[1] + args.max_new_tokens, f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens")
     g = generate(model, ids, args.max_new_tokens, engine=args.engine, time_linears=True)
     print(args.prompt + tok.decode(g["tokens"][0]))
     if _progress(args):

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100-sxm", help="device name (see --list-devices; default: h100-sxm)")
     p.add_argument("--devices", help="JSON file of extra devices (same keys as the catalog)")
     p.add_argument("--headroom", type=_number(float, 0, 0.99), default=0.3, help="fraction of device memory kept free (default: 0.3)")
-    p.add_argument("--max-gpus", type=COUNT, default=8, help="most GPUs one replica may span (default: 8)")
+    p.add_argument("--max-gpus", type=_number(int, 1, 4096), default=8, help="most GPUs one replica may span (default: 8)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--replicas", type=COUNT, help="replicas in the fleet")
     g.add_argument("--target-tokens-per-s", type=_number(float, 0, lo_open=True), help="size the fleet for this aggregate decode throughput")

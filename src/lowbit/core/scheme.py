@@ -259,6 +259,11 @@ PRESETS = ("w8a16", "w4a16", "w4a16-g128", "w4a16-g64", "w3a16-g64", "w8a8", "w8
            "fp8-static", "nf4", "mxfp4", "mxfp8")
 
 
+# kept in float unless a pattern names them: the output head and embeddings, and MoE routers
+# (Mixtral/Qwen/DeepSeek `mlp.gate`, gpt-oss/Llama 4/Granite `router`, Qwen2-MoE's shared-expert gate)
+DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*.mlp.gate", "*.router", "*.router.*", "*.shared_expert_gate")
+
+
 @dataclass
 class Recipe:
     """Which scheme applies to which Linear modules, and which algorithm runs.
@@ -272,7 +277,7 @@ class Recipe:
     scheme: Scheme
     method: str = "rtn"
     include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=lambda: ["lm_head", "*embed*"])
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     overrides: dict[str, Scheme] = field(default_factory=dict)
 
     def scheme_for(self, module_name: str) -> Scheme | None:

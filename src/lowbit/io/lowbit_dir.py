@@ -14,9 +14,11 @@ from lowbit.core.layer import QuantizedLayer
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import UserError
 from lowbit.io.files import atomic_dir, check_output
+from lowbit.models.moe import unfuse_experts
 from lowbit.runtime.qlinear import QUANT_BUFFERS, QuantLinear, float_state, quantized_modules, replace_module
 
 FORMAT_VERSION = 1
+MODULES_KEY = "lowbit.modules"  # safetensors metadata: the lowbit.json entries of the modules in that file
 
 
 @dataclass
@@ -72,6 +74,15 @@ class Payload:
         self.float_input_channels += other.float_input_channels
         self.input_channels += other.input_channels
 
+    def file_metadata(self) -> dict[str, str]:
+        """The safetensors header's metadata: each module's lowbit.json entry is also written
+        beside its codes, so a lowbit.json edited after the fact is caught at load."""
+        # one key: safetensors writes metadata keys in hash order, which differs between processes,
+        # and a resumed run must write the same bytes as an uninterrupted one
+        if self.modules:
+            return {MODULES_KEY: json.dumps(self.modules, sort_keys=True)}
+        return {"format": "lowbit"}
+
     @property
     def bytes(self) -> dict:
         return {"quantized_bytes": self.quantized_bytes, "float_bytes": self.float_bytes,
@@ -86,7 +97,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
     out = check_output(out_dir)
     payload = payload or Payload.of(model, float_dtype)
     with atomic_dir(out) as tmp:
-        save_file(payload.tensors, str(tmp / "model.safetensors"), metadata={"format": "lowbit"})
+        save_file(payload.tensors, str(tmp / "model.safetensors"), metadata=payload.file_metadata())
         write_model_files(tmp, model.config, tokenizer, payload.modules, float_dtype, info)
     return out
 
@@ -103,22 +114,52 @@ def write_model_files(tmp: Path, config, tokenizer, modules: dict, float_dtype: 
     (tmp / "lowbit.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
-def _read_shards(path: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or every shard a model.safetensors.index.json lists (streamed outputs)."""
+def _read_shards(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, dict]]]:
+    """The tensors of model.safetensors, or of every shard a model.safetensors.index.json lists
+    (streamed outputs), and {module: (file, its entry as written beside the codes)}."""
     from lowbit.io.files import read_safetensors
     from lowbit.models.lazy import INDEX
 
     index = path / INDEX
-    if not index.is_file():
-        return read_safetensors(path / "model.safetensors")[0]
-    try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{index}: unreadable ({type(e).__name__}: {e})") from None
-    tensors = {}
+    files = ["model.safetensors"]
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: unreadable ({type(e).__name__}: {e})") from None
+    tensors, written = {}, {}
     for f in files:
-        tensors.update(read_safetensors(path / f)[0])
-    return tensors
+        t, md = read_safetensors(path / f)
+        tensors.update(t)
+        try:
+            written.update({k: (f, v) for k, v in json.loads(md.get(MODULES_KEY, "{}")).items()})
+        except (ValueError, AttributeError) as e:
+            raise UserError(f"{path / f}: damaged lowbit metadata ({type(e).__name__}: {e})") from None
+    return tensors, written
+
+
+def _check_entries(path: Path, modules: dict, written: dict) -> None:
+    """lowbit.json must say what the files say about their codes (outputs written before the
+    files carried their entries are taken as they are)."""
+    if not written:
+        return
+    for name, (f, entry) in written.items():
+        if name not in modules:
+            raise UserError(f"{path / 'lowbit.json'} lists no {name}, whose codes {f} holds; restore lowbit.json or quantize again")
+        if modules[name] != entry:
+            raise UserError(f"{path / 'lowbit.json'} disagrees with {f} about {name}: {_first_difference(entry, modules[name])}; "
+                            "restore lowbit.json or quantize again")
+    extra = [n for n in modules if n not in written]
+    if extra:
+        raise UserError(f"{path / 'lowbit.json'} lists {extra[0]}, which no safetensors file holds codes for")
+
+
+def _first_difference(written, said, where: str = "") -> str:
+    if isinstance(written, dict) and isinstance(said, dict):
+        for k in sorted(set(written) | set(said)):
+            if written.get(k) != said.get(k):
+                return _first_difference(written.get(k), said.get(k), f"{where}.{k}" if where else k)
+    return f"{where or 'entry'} is {written!r} where the codes were written, {said!r} in lowbit.json"
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -132,10 +173,14 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     meta = read_lowbit_config(path)
     if meta.get("format") != "lowbit" or meta.get("version") != FORMAT_VERSION:
         raise UserError(f"{path}: lowbit.json says format {meta.get('format')!r} version {meta.get('version')!r}; this lowbit reads version {FORMAT_VERSION}")
-    tensors = _read_shards(path)
+    tensors, written = _read_shards(path)
+    if not isinstance(meta.get("modules"), dict):
+        raise UserError(f"{path / 'lowbit.json'}: no 'modules' object")
+    _check_entries(path, meta["modules"], written)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model, copy_weights=False)  # saved MoE layers are per-expert Linears
     qts = {}
     for name, m in meta["modules"].items():
         prefix = f"{name}.qweight."

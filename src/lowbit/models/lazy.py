@@ -93,6 +93,17 @@ class LazyCheckpoint:
         t = torch.frombuffer(bytearray(data), dtype=dtype)
         return t.reshape(r1 - r0, *shape[1:]) if self.shapes[name] else t.reshape(())
 
+    def check_finite(self, names, chunk_bytes: int = 64 << 20) -> None:
+        """Every floating tensor named is free of NaN/Inf, read a slice of rows at a time."""
+        for k in names:
+            shape = self.shapes[k]
+            if not _torch_dtype(self.dtypes[k], k).is_floating_point:
+                continue
+            rows = shape[0] if shape else 1
+            step = max(1, chunk_bytes // max(self.nbytes([k]) // max(rows, 1), 1))
+            for r0 in range(0, rows, step):
+                _check_finite(self.read_rows(k, r0, min(r0 + step, rows)), k, self.where[k])
+
     def keys(self) -> list[str]:
         return list(self.where)
 

@@ -75,12 +75,48 @@ def embedded_dir(name: str) -> Path:
     return target
 
 
+def check_gguf_fits(path: Path, dtype: torch.dtype) -> None:
+    """Before transformers dequantizes a GGUF whole: it must hold the weights its header
+    implies (a vocabulary-only file describes an 8B model and holds none), and their float
+    copy (twice: transformers holds the file's tensors and the model at once) must fit in RAM."""
+    import psutil
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises several types on truncated or corrupt files
+        raise UserError(f"{path}: unreadable GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    blocks = [t for t in reader.tensors if t.name.startswith("blk.")]
+    if not blocks:
+        raise UserError(f"{path}: holds no weight tensors of decoder blocks ({len(reader.tensors)} tensors in all; "
+                        "a vocabulary-only GGUF?): nothing to quantize")
+    need = 2 * sum(int(t.n_elements) for t in reader.tensors) * dtype.itemsize
+    have = psutil.virtual_memory().available
+    if need > have:
+        raise UserError(f"{path}: loading it as float needs about {need / 1e9:.1f} GB and {have / 1e9:.1f} GB is available; "
+                        "GGUF sources load whole (convert to safetensors to stream it block by block)")
+
+
+def _no_gguf_bar():
+    """transformers' GGUF conversion draws a plain tqdm bar that its progress-bar switch (off
+    in lowbit: models/__init__) does not reach; --quiet must mean quiet."""
+    from functools import partial
+    from unittest import mock
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils
+
+    return mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", partial(tqdm, disable=True))
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_fits(path, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        with _no_gguf_bar():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise UserError(f"{path}: cannot load GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     # transformers dequantizes GGUF to float; drop its marker so the model behaves as a plain float model

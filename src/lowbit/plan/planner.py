@@ -21,12 +21,19 @@ from lowbit.errors import UserError
 from lowbit.plan.devices import Device
 
 GIB = 1024**3
+MAX_LAYERS, MAX_EXPERTS = 10_000, 65_536
 KV_BYTES = {"fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 
 
 @dataclass
 class Arch:
-    """The numbers of a decoder-only transformer that bytes and FLOPs follow from."""
+    """The numbers of a decoder-only transformer that bytes and FLOPs follow from.
+
+    Mixture-of-experts: `experts` routed experts of width `expert_intermediate` in the
+    layers `moe_layers` names (all layers when None), `experts_per_token` of them run per
+    token, plus `shared_intermediate` columns of always-on shared experts; the other layers
+    keep a dense MLP of width `intermediate`. Multi-head latent attention (DeepSeek-V2/V3)
+    when `kv_lora_rank` is set."""
 
     layers: int
     hidden: int
@@ -40,40 +47,128 @@ class Arch:
     qkv_bias: bool = False
     name: str = "model"
     params_override: int | None = None  # "a 70B model": a parameter count without shapes
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    moe_layers: tuple[int, ...] | None = None
+    expert_bias: bool = False       # gpt-oss: every expert projection has a bias
+    q_lora_rank: int = 0            # MLA; 0 = queries projected directly
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
-    def linears(self) -> list[tuple[str, int, int]]:
-        """(name, out_features, in_features) of every Linear in one block."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        lin = [("q_proj", q, self.hidden), ("k_proj", kv, self.hidden), ("v_proj", kv, self.hidden), ("o_proj", self.hidden, q)]
-        if self.gated_mlp:
-            lin += [("gate_proj", self.intermediate, self.hidden), ("up_proj", self.intermediate, self.hidden)]
+    def __post_init__(self):
+        # the byte count walks the layers (and experts) one by one: refuse what no model has
+        if not 0 < self.layers <= MAX_LAYERS or self.experts > MAX_EXPERTS:
+            raise UserError(f"{self.name}: {self.layers} layers and {self.experts} experts per layer; lowbit plans models "
+                            f"of 1..{MAX_LAYERS} layers and at most {MAX_EXPERTS} experts")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.experts > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+    def _attention(self) -> list[tuple[str, int, int, int]]:
+        if not self.kv_lora_rank:
+            q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            return [("q_proj", q, self.hidden, 1), ("k_proj", kv, self.hidden, 1), ("v_proj", kv, self.hidden, 1),
+                    ("o_proj", self.hidden, q, 1)]
+        qk = self.head_dim  # MLA: head_dim is the query/key width, nope + rope parts
+        q = [("q_a_proj", self.q_lora_rank, self.hidden, 1), ("q_b_proj", self.heads * qk, self.q_lora_rank, 1)] \
+            if self.q_lora_rank else [("q_proj", self.heads * qk, self.hidden, 1)]
+        return q + [("kv_a_proj_with_mqa", self.kv_lora_rank + self.qk_rope_head_dim, self.hidden, 1),
+                    ("kv_b_proj", self.heads * (qk - self.qk_rope_head_dim + self.v_head_dim), self.kv_lora_rank, 1),
+                    ("o_proj", self.hidden, self.heads * self.v_head_dim, 1)]
+
+    def _mlp(self, width: int, count: int, prefix: str = "") -> list[tuple[str, int, int, int]]:
+        up = [(f"{prefix}gate_proj", width, self.hidden, count)] if self.gated_mlp else []
+        return up + [(f"{prefix}up_proj", width, self.hidden, count), (f"{prefix}down_proj", self.hidden, width, count)]
+
+    def linears(self, layer: int = 0) -> list[tuple[str, int, int, int]]:
+        """(name, out_features, in_features, copies) of every Linear in block `layer`;
+        routed experts are one entry with `copies` = the number of experts."""
+        lin = self._attention()
+        if self.is_moe_layer(layer):
+            lin += self._mlp(self.expert_intermediate, self.experts, "experts.")
+            lin += [("router", self.experts, self.hidden, 1)]
+            if self.shared_intermediate:
+                lin += self._mlp(self.shared_intermediate, 1, "shared_experts.")
         else:
-            lin += [("up_proj", self.intermediate, self.hidden)]
-        lin += [("down_proj", self.hidden, self.intermediate)]
+            lin += self._mlp(self.intermediate, 1)
         return lin
+
+    def module_name(self, layer: int, name: str, copy: int = 0) -> str:
+        """The module name a recipe matches (Llama/Mixtral-style naming)."""
+        part = "self_attn" if name in {n for n, *_ in self._attention()} else "mlp"
+        if name.startswith("experts."):
+            name = f"experts.{copy}.{name.split('.', 1)[1]}"
+        return f"model.layers.{layer}.{part}.{name}"
 
     def components(self) -> dict[str, int]:
         """Parameters per component."""
-        lin = self.linears()
-        attn = sum(o * i for n, o, i in lin if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
-        mlp = sum(o * i for n, o, i in lin) - attn
-        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return {
-            "embeddings": self.vocab * self.hidden,
-            "attention": self.layers * (attn + bias),
-            "mlp": self.layers * mlp,
-            "norms": (2 * self.layers + 1) * self.hidden,
-            "lm_head": 0 if self.tied else self.vocab * self.hidden,
-        }
+        comp = {"embeddings": self.vocab * self.hidden, "attention": 0, "mlp": 0, "experts": 0, "norms": 0,
+                "lm_head": 0 if self.tied else self.vocab * self.hidden}
+        attn_names = {n for n, *_ in self._attention()}
+        for i in range(self.layers):
+            for name, o, n, copies in self.linears(i):
+                key = "attention" if name in attn_names else "experts" if name.startswith("experts.") else "mlp"
+                comp[key] += o * n * copies + (o * copies if name.startswith("experts.") and self.expert_bias else 0)
+            if self.qkv_bias:
+                comp["attention"] += (self.heads + 2 * self.kv_heads) * self.head_dim
+        comp["norms"] = (2 * self.layers + 1) * self.hidden + self.layers * (self.q_lora_rank + self.kv_lora_rank)
+        if not self.experts:
+            del comp["experts"]
+        return comp
 
     @property
     def parameters(self) -> int:
         return self.params_override or sum(self.components().values())
 
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token uses: all but the routed experts it is not sent to."""
+        if not self.experts or self.params_override:
+            return self.parameters
+        return self.parameters - round(self.components()["experts"] * (1 - self.experts_per_token / self.experts))
+
+    def experts_read(self, batch: int) -> float:
+        """Expected fraction of the routed experts a decode step of `batch` tokens reads
+        (uniform routing: each expert is missed by a token with probability 1 - k/E)."""
+        if not self.experts:
+            return 1.0
+        return 1 - (1 - self.experts_per_token / self.experts) ** batch
+
 
 # ---- reading architectures ----------------------------------------------------------------
 
+def _moe_fields(cfg: dict, g) -> dict:
+    """The MoE and MLA fields of an HF config, from each family's own keys."""
+    experts = g("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", default=0) or 0
+    if not experts:
+        return {}
+    layers = g("num_hidden_layers")
+    if cfg.get("mlp_only_layers") or cfg.get("first_k_dense_replace") or g("decoder_sparse_step", "moe_layer_freq",
+                                                                            "interleave_moe_layer_step", default=1) != 1:
+        step = g("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", default=1) or 1
+        first = cfg.get("first_k_dense_replace") or 0
+        dense = set(cfg.get("mlp_only_layers") or [])
+        moe = tuple(i for i in range(layers) if i >= first and i not in dense and (i + 1) % step == 0)
+    else:
+        moe = None
+    width = g("moe_intermediate_size", "expert_intermediate_size", default=None) or g("intermediate_size")
+    shared = g("shared_expert_intermediate_size", "shared_intermediate_size", default=0) or 0
+    n_shared = g("n_shared_experts", "num_shared_experts", default=0) or 0
+    if n_shared and not shared:
+        shared = n_shared * width
+    if cfg.get("model_type") in ("llama4_text", "llama4"):
+        shared = width  # one shared expert as wide as a routed one
+    return {"experts": experts, "experts_per_token": g("num_experts_per_tok", "experts_per_token", "moe_topk", default=1),
+            "expert_intermediate": width, "shared_intermediate": shared, "moe_layers": moe,
+            "expert_bias": cfg.get("model_type") == "gpt_oss"}
+
+
 def arch_from_hf_config(cfg: dict, name: str = "model") -> Arch:
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:  # multimodal wrappers (Llama 4): the text model
+        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", cfg["text_config"].get("tie_word_embeddings"))}
     g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
     hidden = g("hidden_size", "n_embd", "d_model")
     layers = g("num_hidden_layers", "n_layer", "num_layers")
@@ -81,16 +176,21 @@ def arch_from_hf_config(cfg: dict, name: str = "model") -> Arch:
     if not (hidden and layers and heads):
         raise UserError(f"{name}: config lacks hidden_size / num_hidden_layers / num_attention_heads")
     mtype = cfg.get("model_type", "")
+    mla = {}
+    if cfg.get("kv_lora_rank"):
+        mla = {"q_lora_rank": cfg.get("q_lora_rank") or 0, "kv_lora_rank": cfg["kv_lora_rank"],
+               "qk_rope_head_dim": cfg["qk_rope_head_dim"], "v_head_dim": cfg["v_head_dim"]}
+    moe = _moe_fields(cfg, g)
     return Arch(
         layers=layers, hidden=hidden, heads=heads,
         kv_heads=g("num_key_value_heads", default=heads),
-        head_dim=g("head_dim", default=hidden // heads),
-        intermediate=g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        head_dim=(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) if mla else g("head_dim", default=hidden // heads),
+        intermediate=g("intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
         vocab=g("vocab_size"),
         tied=bool(cfg.get("tie_word_embeddings", mtype in ("gpt2", "opt"))),
         gated_mlp=mtype not in ("gpt2", "opt", "gpt_neox", "gptj", "falcon", "bloom", "phi"),
-        qkv_bias=mtype in ("qwen2",) or bool(cfg.get("attention_bias", False)),
-        name=name,
+        qkv_bias=mtype in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
+        name=name, **mla, **moe,
     )
 
 
@@ -163,29 +263,43 @@ def linear_bytes(out_f: int, in_f: int, scheme: Scheme | None, float_bytes: int)
 
 def weight_bytes(arch: Arch, recipe: Recipe | None, float_dtype_bytes: int = 2) -> dict:
     """Codes, scales (+ zero points) and float bytes of the whole model."""
+    return _stored_bytes(arch, recipe, float_dtype_bytes)[0]
+
+
+def _stored_bytes(arch: Arch, recipe: Recipe | None, float_dtype_bytes: int = 2) -> tuple[dict, int]:
+    """(weight_bytes' dict, the bytes of the routed experts within it)."""
     codes = scales = floats = 0
     if arch.params_override:  # no shapes: every parameter in Linears with in_features = hidden
         s = recipe.scheme if recipe else None
         if s is None:
-            return {"weight_bytes": 0, "scale_bytes": 0, "float_bytes": arch.params_override * float_dtype_bytes}
+            return {"weight_bytes": 0, "scale_bytes": 0, "float_bytes": arch.params_override * float_dtype_bytes}, 0
         per_row = arch.hidden
         rows = arch.params_override // per_row
         c, sc, _ = linear_bytes(rows, per_row, s, float_dtype_bytes)
-        return {"weight_bytes": c, "scale_bytes": sc, "float_bytes": 0}
+        return {"weight_bytes": c, "scale_bytes": sc, "float_bytes": 0}, 0
+    expert_bytes = 0
     for i in range(arch.layers):
-        for name, o, n in arch.linears():
-            scheme = recipe.scheme_for(f"model.layers.{i}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}") if recipe else None
-            c, sc, f = linear_bytes(o, n, scheme, float_dtype_bytes)
-            codes, scales, floats = codes + c, scales + sc, floats + f
+        for name, o, n, copies in arch.linears(i):
+            for e in range(copies):
+                scheme = None
+                if recipe and name != "router":  # routers stay float, like lm_head, unless named
+                    scheme = recipe.scheme_for(arch.module_name(i, name, e))
+                c, sc, f = linear_bytes(o, n, scheme, float_dtype_bytes)
+                codes, scales, floats = codes + c, scales + sc, floats + f
+                if name.startswith("experts."):
+                    expert_bytes += c + sc + f + (o * float_dtype_bytes if arch.expert_bias else 0)  # + their biases
     comp = arch.components()
     floats += (comp["embeddings"] + comp["norms"]) * float_dtype_bytes
     if arch.qkv_bias:
         floats += arch.layers * (arch.heads + 2 * arch.kv_heads) * arch.head_dim * float_dtype_bytes
+    if arch.expert_bias:
+        floats += sum(o * copies for i in range(arch.layers) for name, o, _, copies in arch.linears(i)
+                      if name.startswith("experts.")) * float_dtype_bytes
     if not arch.tied:
         head_scheme = recipe.scheme_for("lm_head") if recipe else None
         c, sc, f = linear_bytes(arch.vocab, arch.hidden, head_scheme, float_dtype_bytes)
         codes, scales, floats = codes + c, scales + sc, floats + f
-    return {"weight_bytes": codes, "scale_bytes": scales, "float_bytes": floats}
+    return {"weight_bytes": codes, "scale_bytes": scales, "float_bytes": floats}, expert_bytes
 
 
 def kv_cache_bytes(arch: Arch, seq_len: int, batch: int, kv_dtype: str = "fp16") -> int:
@@ -224,6 +338,7 @@ class PlanInput:
 class Plan:
     inputs: dict
     parameters: int
+    active_parameters: int  # per token: differs from `parameters` for mixture-of-experts models
     components: dict
     weight_bytes: int
     scale_bytes: int
@@ -258,18 +373,21 @@ def compute_format(scheme: Scheme | None) -> str:
 
 
 def roofline(arch: Arch, device: Device, stored_weight_bytes: int, kv_bytes_per_seq_token: float, scheme: Scheme | None,
-             batch: int, seq_len: int, tp: int) -> dict:
-    """Decode: bytes moved per step / bandwidth vs FLOPs / peak; prefill: FLOPs / peak."""
-    P = arch.parameters - arch.components()["embeddings"]  # embedding lookup is a gather, not a matmul
+             batch: int, seq_len: int, tp: int, expert_bytes: int = 0) -> dict:
+    """Decode: bytes moved per step / bandwidth vs FLOPs / peak; prefill: FLOPs / peak.
+    MoE: FLOPs follow the active parameters; a decode step reads the dense weights and the
+    routed experts its batch's tokens reach (`Arch.experts_read`)."""
+    P = arch.active_parameters - arch.components().get("embeddings", 0)  # embedding lookup is a gather, not a matmul
     if arch.tied:
         P += arch.vocab * arch.hidden  # the tied lm_head still multiplies
     fmt = compute_format(scheme)
     peak = device.peak_tflops(fmt) * 1e12 * tp
     bw = device.bandwidth_gb_s * 1e9 * tp
-    # decode at mean context seq/2: read all weights once per step, and the batch's KV so far
+    # decode at mean context seq/2: read the weights once per step, and the batch's KV so far
     kv_read = kv_bytes_per_seq_token * batch * seq_len / 2
     attn_flops_decode = 4 * arch.layers * arch.heads * arch.head_dim * (seq_len / 2) * batch
-    t_mem = (stored_weight_bytes + kv_read) / bw
+    weights_read = stored_weight_bytes - expert_bytes * (1 - arch.experts_read(batch))
+    t_mem = (weights_read + kv_read) / bw
     t_cmp = (2 * P * batch + attn_flops_decode) / peak
     step = max(t_mem, t_cmp)
     prefill_flops = batch * (2 * P * seq_len + 2 * arch.layers * arch.heads * arch.head_dim * seq_len**2)
@@ -279,6 +397,7 @@ def roofline(arch: Arch, device: Device, stored_weight_bytes: int, kv_bytes_per_
         "decode_step_ms": step * 1e3,
         "decode_bound": "memory" if t_mem >= t_cmp else "compute",
         "decode_tokens_per_s": batch / step,
+        "decode_weight_bytes_per_step": weights_read,
         "prefill_seconds": prefill_flops / peak,
         "prefill_tokens_per_s": batch * seq_len / (prefill_flops / peak),
         # batch where weight traffic stops dominating: 2*P*B/peak = weight_bytes/bw
@@ -289,7 +408,7 @@ def roofline(arch: Arch, device: Device, stored_weight_bytes: int, kv_bytes_per_
 def plan(inp: PlanInput) -> Plan:
     arch = inp.arch
     recipe = inp.recipe or (Recipe(scheme=inp.scheme) if inp.scheme else None)
-    wb = weight_bytes(arch, recipe)
+    wb, expert_b = _stored_bytes(arch, recipe)
     stored = wb["weight_bytes"] + wb["scale_bytes"] + wb["float_bytes"]
     kv = kv_cache_bytes(arch, inp.seq_len, inp.batch, inp.kv_dtype)
     act = activation_bytes(arch, inp.batch, inp.seq_len)
@@ -314,7 +433,7 @@ def plan(inp: PlanInput) -> Plan:
     shortfall = max(0, need - usable)
     s_for_roof = recipe.scheme if recipe else None
     kv_per_tok = kv / max(inp.seq_len * inp.batch, 1)
-    roof = roofline(arch, inp.device, stored, kv_per_tok, s_for_roof, inp.batch, inp.seq_len, tp)
+    roof = roofline(arch, inp.device, stored, kv_per_tok, s_for_roof, inp.batch, inp.seq_len, tp, expert_b)
     roof["pipeline_stages"] = pp
     if inp.target_tokens_per_s:
         replicas = math.ceil(inp.target_tokens_per_s / roof["decode_tokens_per_s"])
@@ -325,7 +444,10 @@ def plan(inp: PlanInput) -> Plan:
         gpus_needed = gpus
         while per_gpu(min(gpus_needed, 8), max(1, math.ceil(gpus_needed / 8)), kv) > usable and gpus_needed < 1024:
             gpus_needed *= 2
-        suggestions.append(f"short by {shortfall / GIB:.2f} GiB per GPU at {gpus} GPU(s): {gpus_needed} GPUs per replica would fit")
+        if per_gpu(min(gpus_needed, 8), max(1, math.ceil(gpus_needed / 8)), kv) <= usable:
+            suggestions.append(f"short by {shortfall / GIB:.2f} GiB per GPU at {gpus} GPU(s): {gpus_needed} GPUs per replica would fit")
+        else:  # what does not shard (activations, a KV head per GPU) does not fit even on 1024 GPUs
+            suggestions.append(f"short by {shortfall / GIB:.2f} GiB per GPU at {gpus} GPU(s), and still short at 1024 GPUs per replica")
         if inp.kv_dtype in ("fp16", "bf16"):
             kv8 = kv_cache_bytes(arch, inp.seq_len, inp.batch, "fp8")
             if per_gpu(tp, pp, kv8) <= usable:
@@ -348,7 +470,7 @@ def plan(inp: PlanInput) -> Plan:
     return Plan(
         inputs={"model": arch.name, "scheme": recipe.scheme.name if recipe else "fp16", "device": inp.device.name,
                 "batch": inp.batch, "seq_len": inp.seq_len, "kv_dtype": inp.kv_dtype, "headroom": inp.headroom},
-        parameters=arch.parameters, components=arch.components() if not arch.params_override else {},
+        parameters=arch.parameters, active_parameters=arch.active_parameters, components=arch.components() if not arch.params_override else {},
         weight_bytes=wb["weight_bytes"], scale_bytes=wb["scale_bytes"], float_bytes=wb["float_bytes"],
         kv_cache_bytes=kv, activation_bytes=act, total_bytes=total, fp16_total_bytes=fp16,
         saved_vs_fp16_percent=100.0 * (1 - total / fp16), usable_bytes_per_gpu=usable,
@@ -385,7 +507,9 @@ def format_plan(p: Plan) -> str:
 
     i = p.inputs
     lines = [
-        f"{i['model']}: {p.parameters / 1e9:.3f}B parameters, scheme {i['scheme']}, {i['device']}, "
+        f"{i['model']}: {p.parameters / 1e9:.3f}B parameters"
+        + (f" ({p.active_parameters / 1e9:.3f}B active per token)" if p.active_parameters != p.parameters else "")
+        + f", scheme {i['scheme']}, {i['device']}, "
         f"batch {i['batch']} x {i['seq_len']} tokens, KV {i['kv_dtype']}",
         f"  weights (codes)     {gb(p.weight_bytes)}",
         f"  scales + zeros      {gb(p.scale_bytes)}",

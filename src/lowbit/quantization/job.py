@@ -32,6 +32,7 @@ from lowbit.io.files import check_output, output_lock
 from lowbit.io.text import check_text_source, text_windows
 from lowbit.models.adapters import attention_heads, decoder_layers, is_linear, linear_weight
 from lowbit.models.load import load_float
+from lowbit.models.moe import is_moe_config, unfuse_experts
 from lowbit.quantization.runner import Blocks, RunOptions, dist_rank_world, run_sequential
 from lowbit.runtime.qlinear import QuantLinear, install, quantized_modules, round_float_parts
 
@@ -102,6 +103,29 @@ def target_modules(model: nn.Module, recipe: Recipe) -> dict[str, Scheme]:
     return out
 
 
+def check_coverage(model: nn.Module, recipe: Recipe, targets: dict[str, Scheme]) -> float:
+    """The fraction of weight-matrix parameters (embedding tables aside) the recipe quantizes.
+
+    A weight of two or more dimensions that is not one of the `targets` Linears but sits in
+    a module the recipe would quantize is an error naming it (say, the fused 3-D experts of
+    a mixture-of-experts block): it would stay float with nobody having asked for that."""
+    quantized = total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            continue  # a lookup table, not a matmul; float unless lowbit's head untying says otherwise
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() < 2:
+                continue  # norms, biases
+            total += p.numel()
+            if name in targets:
+                quantized += p.numel()
+            elif recipe.scheme_for(name) is not None:
+                raise UserError(f"{name}.{pname} ({type(mod).__name__}, shape {list(p.shape)}) is a weight lowbit cannot "
+                                f"quantize yet and would stay float; exclude it on purpose (--exclude '{name}' or a pattern "
+                                f"such as '*.{name.rsplit('.', 1)[-1]}')")
+    return quantized / max(total, 1)
+
+
 @dataclass
 class MethodOptions:
     smoothquant_alpha: float = 0.5  # SmoothQuant's migration strength
@@ -126,6 +150,7 @@ class BlockQuantizer:
         self.plan, self.targets, self.opts, self.mopts = plan, targets, gptq_options, method_options
         self.float_dtype = float_dtype
         self.latent: dict[str, torch.Tensor] = {}  # QAT's float starting points
+        self.expert_tokens: dict[str, int] = {}  # MoE: calibration tokens routed to each expert
         self.info: dict = {}
         self.prepare = None
         if plan.smooth:
@@ -135,6 +160,8 @@ class BlockQuantizer:
         self.hessian = plan.quantizer == "gptq" or plan.smooth == "awq"
 
     def __call__(self, name: str, w: torch.Tensor, st, input_transform: str | None = None) -> QuantizedLayer:
+        if st is not None and ".experts." in name and name.endswith(".gate_proj"):
+            self.expert_tokens[name.rsplit(".", 1)[0]] = st.n  # what the router sent it
         H = st.H if st is not None else None
         float_cols = float_weight = None
         if self.plan.outlier_split and st is not None:
@@ -224,10 +251,12 @@ def run(job: QuantizeJob, source: str | nn.Module, out: str | os.PathLike | None
     if job.calibrated and calib_ids is None:
         check_text_source(job.calibration.text)
     kind, path = (None, None) if isinstance(source, nn.Module) else resolve_source(source)
-    can_stream = job.streamable and kind in ("hf", "embedded") and out is not None
+    moe = kind == "hf" and _is_moe_checkpoint(path)
+    can_stream = job.streamable and kind in ("hf", "embedded") and out is not None and not moe
     if stream and not can_stream:
         raise UserError(f"{plan.name} needs the whole model in memory; streaming runs {STREAMABLE}" if not job.streamable
                         else "streaming writes to an output directory; give one" if out is None
+                        else f"{source}: a mixture-of-experts checkpoint quantizes in memory for now (drop stream=True)" if moe
                         else f"{source}: streaming reads safetensors checkpoint directories; this is a {kind} source")
     stream = can_stream if stream is None else stream
     if dry_run and not stream:
@@ -238,6 +267,15 @@ def run(job: QuantizeJob, source: str | nn.Module, out: str | os.PathLike | None
     # one run per output (and work folder) at a time; under torch.distributed, process 0 holds it for all
     with output_lock(out) if dist_rank_world()[0] == 0 else contextlib.nullcontext():
         return _run(job, source, out, stream, tokenizer, calib_ids, dry_run)
+
+
+def _is_moe_checkpoint(path: Path) -> bool:
+    import json
+
+    try:
+        return is_moe_config(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return False  # loading says what is wrong with it
 
 
 def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, calib_ids, dry_run: bool):
@@ -255,12 +293,16 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
         from lowbit.algorithms.rotate import rotate_model
         info["rotation"] = rotate_model(model, seed=job.method.rotation_seed)
     targets = target_modules(model, job.recipe)
+    info["quantized_weight_fraction"] = check_coverage(model, job.recipe, targets)
     if plan.rotate:
         check_rotation_targets(model, targets)
     bq = BlockQuantizer(plan, targets, attention_heads(model) if plan.smooth else None, job.gptq, job.method, job.float_dtype)
     info.update(bq.info)
     calib = None
     if job.calibrated:
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        if calib_ids is None and ctx and job.calibration.seq_len > ctx:
+            raise UserError(f"--seq-len {job.calibration.seq_len} exceeds the model's context of {ctx} tokens (max_position_embeddings)")
         calib = calib_ids if calib_ids is not None else calibration_windows(src.tokenizer, job.calibration)
         check_ids_fit(calib, model, src.name)
     blocks = src.blocks(bq, calib, out, dry_run)
@@ -293,6 +335,12 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
                                      "float_fraction": payload.float_input_channels / max(payload.input_channels, 1)}
         return info
 
+    experts = [n.rsplit(".", 1)[0] for n in targets if ".experts." in n and n.endswith(".gate_proj")]
+    if calib is not None and experts:
+        tokens = {e: bq.expert_tokens.get(e, 0) for e in experts}
+        n = sorted(tokens.values())
+        info["expert_tokens"] = {"per_expert": tokens, "min": n[0], "median": n[len(n) // 2], "max": n[-1],
+                                 "experts_without_tokens": n.count(0)}  # those round to nearest
     info.update(src.facts)
     model, tok = src.finish(layers, bq, out, describe)
     info["seconds"] = time.time() - t0
@@ -313,6 +361,7 @@ class MemorySource:
         else:
             self.model, self.tokenizer = load_float(source, trust_remote_code=job.trust_remote_code)
             self.name = source
+        unfuse_experts(self.model)  # fused 3-D experts -> one Linear per expert projection (models.moe)
 
     def blocks(self, bq: BlockQuantizer, calib, out, dry_run) -> Blocks:
         return Blocks()

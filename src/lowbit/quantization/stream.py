@@ -109,12 +109,12 @@ class Progress:
         tensors, _ = read_safetensors(self.dir / self.hidden_name(self.done, self.rank))
         return [tensors[f"h{b}"] for b in range(len(tensors))]
 
-    def commit(self, i: int, tensors: dict, summary: dict, hidden: list[torch.Tensor] | None) -> None:
+    def commit(self, i: int, tensors: dict, metadata: dict, summary: dict, hidden: list[torch.Tensor] | None) -> None:
         if hidden is not None:
             save_tensors({f"h{b}": h.contiguous() for b, h in enumerate(hidden)}, self.dir / self.hidden_name(i + 1, self.rank))
         _sync()
         if self.rank == 0:
-            save_tensors(tensors, self.dir / self.shard_name(i), {"format": "lowbit"})
+            save_tensors(tensors, self.dir / self.shard_name(i), metadata)
             self.blocks[str(i)] = summary
             self.done = i + 1
             written = [self.shard_name(i)] + ([self.hidden_name(i + 1, r) for r in range(self.world)] if hidden is not None else [])
@@ -184,6 +184,7 @@ class CheckpointSource:
         if dry_run:
             return None
         self.groups = outside_groups(ckpt, self.prefix)
+        ckpt.check_finite([k for g in self.groups for k in g])  # blocks are checked as they load; these only at the end
         progress = Progress(out, fingerprint(ckpt, self.job), self.n_blocks, self.n_blocks + len(self.groups))
         self.shards = ShardBlocks(self, progress, calib is not None)
         self.facts = {"resumed_from_block": self.shards.start, "preflight": self.prediction.to_dict()}
@@ -218,7 +219,8 @@ class ShardBlocks(Blocks):
         prefix = f"{self.src.prefix}.{i}."
         install(self.src.model, {n: layers.pop(n) for n in list(layers) if n.startswith(prefix)})
         payload = Payload.of(block, self.src.job.float_dtype, prefix)
-        self.progress.commit(i, payload.tensors, payload.counts(), inputs.hidden() if inputs is not None else None)
+        self.progress.commit(i, payload.tensors, payload.file_metadata(), payload.counts(),
+                             inputs.hidden() if inputs is not None else None)
         decoder_layers(self.src.model)[1][i] = torch.nn.Module()  # drop the block: its bytes are on disk now
         release_freed_memory()
 
@@ -262,7 +264,7 @@ def _write_output(src: CheckpointSource, progress: "Progress", bq, out: Path, de
                     part.add_layer(head, bq(head, t.to(torch.float32), None))
                     model.config.tie_word_embeddings = False
                 part.add_float(k, t, float_dtype)
-            save_tensors(part.tensors, tmp / name, {"format": "lowbit"})
+            save_tensors(part.tensors, tmp / name, part.file_metadata())
             weight_map.update({k: name for k in part.tensors})
             total.merge(part)
             del part
@@ -345,9 +347,7 @@ def copy_float_shard(ckpt: LazyCheckpoint, keys: list[str], float_dtype: torch.d
             for r0 in range(0, rows, step):
                 t = ckpt.read_rows(k, r0, min(r0 + step, rows)) if shape else ckpt.load([k])[k]
                 if dtype is not None:
-                    if not torch.isfinite(t).all():
-                        raise UserError(f"{ckpt.where[k].name}: {k} holds NaN/Inf values; fix the checkpoint before quantizing")
-                    t = t.to(dtype)
+                    t = t.to(dtype)  # checked finite before the blocks ran (CheckpointSource.blocks)
                 f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
     return offset
 

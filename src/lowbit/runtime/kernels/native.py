@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,13 +50,34 @@ def module():
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        if not any(Path(_get_build_directory(NAME, verbose=False)).glob("*.so")):
-            print("lowbit: compiling its CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
-        return load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        build = Path(_get_build_directory(NAME, verbose=False))
+        with _build_lock(build):
+            if not any(build.glob("*.so")):
+                print("lowbit: compiling its CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
+            return load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler must not break inference: PyTorch's kernels remain
         warnings.warn(f"lowbit: native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "using PyTorch's packed kernels", stacklevel=2)
         return None
+
+
+@contextmanager
+def _build_lock(build: Path):
+    """An flock around torch's build. torch's own lock is a plain file that a killed build
+    leaves behind, and every later load then waits on it forever; the kernel drops an flock
+    with its holder, so while we hold ours a `lock` file left in `build` is stale."""
+    import fcntl
+
+    build.mkdir(parents=True, exist_ok=True)
+    fd = os.open(build.parent / f".{build.name}.lowbit-build-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 def available() -> bool:

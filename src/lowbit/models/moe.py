@@ -1,0 +1,115 @@
+"""Mixture-of-experts blocks: fused 3-D expert weights as one Linear per expert projection.
+
+transformers 5 stores the experts of Mixtral, Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
+GLM-4-MoE, GraniteMoE and gpt-oss as two 3-D parameters of one module (`gate_up_proj`
+[experts, 2*I, H] and `down_proj` [experts, H, I], or transposed), with the layout
+described by attributes that its `use_experts_implementation` decorator sets
+(`is_transposed`, `is_concatenated`, `has_bias`, `has_gate`, `has_post_expert_norm`) and
+the activation in `_apply_gate`. lowbit replaces such a module by `RoutedExperts`: the
+same computation over `experts.{e}.gate_proj / up_proj / down_proj` nn.Linear modules,
+so everything that handles a Linear (calibration hooks, every algorithm, QuantLinear and
+its kernels, save/load) handles each expert, and only the experts a token is routed to run.
+
+Calibration sees exactly the tokens the router sends to each expert, and down_proj's
+input is scaled by the router weight (down(w*h) = w*down(h) without a bias), so its
+statistics weigh each token's error as the block's output does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.errors import UserError
+
+
+def is_fused_experts(m: nn.Module) -> bool:
+    """A transformers experts module whose expert weights are 3-D parameters."""
+    p = getattr(m, "_parameters", {})
+    return (isinstance(p.get("gate_up_proj"), torch.Tensor) and isinstance(p.get("down_proj"), torch.Tensor)
+            and p["gate_up_proj"].dim() == 3)
+
+
+class RoutedExperts(nn.Module):
+    """The experts of one MoE block as per-expert Linears; called like the fused module it
+    replaces: forward(hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])."""
+
+    def __init__(self, fused: nn.Module, copy_weights: bool = True):
+        super().__init__()
+        if getattr(fused, "has_post_expert_norm", False) or not getattr(fused, "has_gate", True) \
+                or not hasattr(fused, "_apply_gate"):
+            raise UserError(f"{type(fused).__name__}: lowbit runs gated experts (gate/up, then down) as transformers' "
+                            f"experts implementation describes them; this one differs")
+        self.transposed = bool(getattr(fused, "is_transposed", False))
+        self.concatenated = bool(getattr(fused, "is_concatenated", True))
+        gate_up, down = fused.gate_up_proj, fused.down_proj
+        if self.transposed:  # [E, H, 2I] / [E, I, H] -> nn.Linear's [out, in]
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        n, two_i, hidden = gate_up.shape
+        inter = two_i // 2
+        bias = bool(getattr(fused, "has_bias", False))
+        gate_up_bias = getattr(fused, "gate_up_proj_bias", None) if bias else None
+        down_bias = getattr(fused, "down_proj_bias", None) if bias else None
+        device, dtype = gate_up.device, gate_up.dtype
+        for e in range(n):  # children "0", "1", ...: modules named `...experts.{e}.gate_proj`, as vLLM names them
+            ex = nn.Module()
+            ex.gate_proj = nn.Linear(hidden, inter, bias=bias, device=device, dtype=dtype)
+            ex.up_proj = nn.Linear(hidden, inter, bias=bias, device=device, dtype=dtype)
+            ex.down_proj = nn.Linear(inter, hidden, bias=bias, device=device, dtype=dtype)
+            if copy_weights and device.type != "meta":
+                with torch.no_grad():
+                    g, u = self._split(gate_up[e], dim=0)
+                    ex.gate_proj.weight.copy_(g)
+                    ex.up_proj.weight.copy_(u)
+                    ex.down_proj.weight.copy_(down[e])
+                    if bias:
+                        gb, ub = self._split(gate_up_bias[e], dim=0)
+                        ex.gate_proj.bias.copy_(gb)
+                        ex.up_proj.bias.copy_(ub)
+                        ex.down_proj.bias.copy_(down_bias[e])
+            self.add_module(str(e), ex)
+        self.num_experts, self.has_bias = n, bias
+        # the activation stays the family's own (_apply_gate: silu(gate) * up, gpt-oss' clamped GLU, ...);
+        # its module keeps no weights of its own once the 3-D parameters are gone
+        for name in list(fused._parameters):
+            del fused._parameters[name]
+        self.activation = fused
+
+    def _split(self, t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.concatenated:
+            return t.chunk(2, dim=dim)
+        return t.unflatten(dim, (-1, 2)).unbind(dim + 1)  # interleaved gate0, up0, gate1, up1, ...
+
+    def _join(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.cat([gate, up], dim=-1) if self.concatenated else torch.stack([gate, up], dim=-1).flatten(-2)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        hit = torch.unique(top_k_index)
+        for e in hit.tolist():
+            if not 0 <= e < self.num_experts:
+                continue  # the "no expert" index some routers use
+            token, pos = torch.where(top_k_index == e)
+            x = hidden_states[token]
+            ex = self.get_submodule(str(e))
+            h = self.activation._apply_gate(self._join(ex.gate_proj(x), ex.up_proj(x)))
+            w = top_k_weights[token, pos, None].to(h.dtype)
+            y = ex.down_proj(h) * w if self.has_bias else ex.down_proj(h * w)
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def unfuse_experts(model: nn.Module, copy_weights: bool = True) -> int:
+    """Replace every fused experts module by RoutedExperts (in place); the number replaced.
+    `copy_weights=False` when the per-expert weights are loaded afterwards."""
+    fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
+    for name, m in fused:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, RoutedExperts(m, copy_weights))
+    return len(fused)
+
+
+def is_moe_config(config) -> bool:
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    cfg = {**cfg.get("text_config", {}), **cfg} if isinstance(cfg.get("text_config"), dict) else cfg
+    return any((cfg.get(k) or 0) > 1 for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+
