@@ -10,7 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -100,9 +102,6 @@ def check_gguf_fits(path: Path, dtype: torch.dtype) -> None:
 def _no_gguf_bar():
     """transformers' GGUF conversion draws a plain tqdm bar that its progress-bar switch (off
     in lowbit: models/__init__) does not reach; --quiet must mean quiet."""
-    from functools import partial
-    from unittest import mock
-
     from tqdm.auto import tqdm
     from transformers import modeling_gguf_pytorch_utils
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -270,8 +271,6 @@ def run(job: QuantizeJob, source: str | nn.Module, out: str | os.PathLike | None
 
 
 def _is_moe_checkpoint(path: Path) -> bool:
-    import json
-
     try:
         return is_moe_config(json.loads((path / "config.json").read_text()))
     except (OSError, ValueError, AttributeError):
