@@ -296,3 +296,19 @@ def test_quiet_means_quiet_for_a_gguf_source(tmp_path):
     shutil.copy(embedded_gguf("smollm2-135m"), src)
     r = _cli("eval", str(src), "--seq-len", "32", "--max-windows", "1")
     assert r.returncode == 0 and r.stderr == "", r.stderr[-500:]
+
+
+def test_compressed_tensors_whose_config_disagrees_with_its_tensors_is_one_line(lowbit_out, tmp_path, capsys):
+    """Finding 5: num_bits edited to 5 in a compressed-tensors config ended in a RuntimeError traceback."""
+    from lowbit.cli import main
+
+    ct = tmp_path / "ct"
+    assert main(["--quiet", "export", str(lowbit_out), "--format", "compressed-tensors", "--out", str(ct)]) == 0
+    capsys.readouterr()
+    cfg = json.loads((ct / "config.json").read_text())
+    for group in cfg["quantization_config"]["config_groups"].values():
+        group["weights"]["num_bits"] = 5
+    (ct / "config.json").write_text(json.dumps(cfg))
+    msg = _refused(capsys, "import", str(ct), "--out", str(tmp_path / "back"))
+    assert "5-bit codes of a" in msg and "does not match the tensors" in msg
+    assert not (tmp_path / "back").exists()

@@ -149,7 +149,12 @@ def qtensor_from_compressed(tensors: dict[str, torch.Tensor], prefix: str, args)
         scheme = Scheme(format=f"int{args.num_bits}", symmetric=bool(args.symmetric), granularity=gran,
                         group_size=args.group_size if gran == "group" else None, scale_dtype=sdt)
         rows, cols = (int(x) for x in tensors[f"{prefix}.weight_shape"].tolist())
-        v = packing.unpack_from_int32(tensors[f"{prefix}.weight_packed"], args.num_bits, torch.Size([rows, cols]))
+        packed = tensors[f"{prefix}.weight_packed"]
+        want = [rows, -(-cols // (32 // args.num_bits))]  # 32 // bits codes per int32 along each row
+        if list(packed.shape) != want:
+            raise UserError(f"{prefix}: weight_packed is {list(packed.shape)}, but {args.num_bits}-bit codes of a [{rows}, {cols}] "
+                            f"weight pack to {want}: the quantization_config does not match the tensors")
+        v = packing.unpack_from_int32(packed, args.num_bits, torch.Size([rows, cols]))
         half = 1 << (args.num_bits - 1)
         codes = (v.to(torch.int16) + half).to(torch.uint8)
         zp = None
