@@ -312,3 +312,15 @@ def test_compressed_tensors_whose_config_disagrees_with_its_tensors_is_one_line(
     msg = _refused(capsys, "import", str(ct), "--out", str(tmp_path / "back"))
     assert "5-bit codes of a" in msg and "does not match the tensors" in msg
     assert not (tmp_path / "back").exists()
+
+
+def test_outputs_get_the_usual_permissions(lowbit_out, tmp_path):
+    """Finding 8: exported model.safetensors were mode 0600 (safetensors' own file mode)."""
+    from lowbit.cli import main
+
+    assert main(["--quiet", "export", str(lowbit_out), "--format", "gptq", "--out", str(tmp_path / "g")]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in (lowbit_out, tmp_path / "g"):
+        modes = {f.name: f.stat().st_mode & 0o777 for f in d.iterdir() if f.is_file()}
+        assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -125,6 +125,9 @@ def atomic_dir(path: str | os.PathLike):
         yield tmp
         (tmp / MARKER).write_text("written by lowbit; a later lowbit run may replace this directory\n")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        for f in tmp.rglob("*"):  # and safetensors' save_file 0600: outputs get the usual permissions
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         old = None
         if path.exists():
             if path.is_dir() and any(path.iterdir()) and not is_lowbit_output(path):
