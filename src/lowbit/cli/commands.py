@@ -22,6 +22,7 @@ from lowbit.io.files import check_output, output_lock
 from lowbit.io.interop import export_model, import_model
 from lowbit.io.lowbit_dir import load_quantized, save_quantized
 from lowbit.io.text import check_text_source, text_windows
+from lowbit.models.adapters import check_context
 from lowbit.models.load import load_float, resolve_source
 from lowbit.plan.devices import get_device, load_catalog
 from lowbit.plan.planner import Arch, PlanInput, decision_matrix, format_plan, plan, read_model
@@ -197,7 +198,7 @@ def cmd_import(args) -> int:
 def cmd_eval(args) -> int:
     check_text_source(args.text)
     model, tok = load(args.model)
-    _check_context(model, args.seq_len, "--seq-len")
+    check_context(model.config, args.seq_len, "--seq-len")
     _, windows = text_windows(tok, args.text, args.text_field, args.seq_len, eval_max=args.max_windows)
     models = {"model": model}
     baseline = None
@@ -212,13 +213,6 @@ def cmd_eval(args) -> int:
         for k, v in res.items():
             print(f"{k:16s} {v if not isinstance(v, float) else f'{v:.4f}'}")
     return 0
-
-
-def _check_context(model, length: int, what: str) -> None:
-    """Positions past the model's context are extrapolation at best and hours of work at worst."""
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and length > ctx:
-        raise UserError(f"{what} = {length} tokens exceeds the model's context of {ctx} tokens (max_position_embeddings)")
 
 
 def cmd_demo(args) -> int:
@@ -351,7 +345,7 @@ def cmd_generate(args) -> int:
     model, tok = load(args.model, dtype)
     model.set_attn_implementation(register_attention())
     ids = tok(args.prompt, return_tensors="pt").input_ids
-    _check_context(model, ids.shape[1] + args.max_new_tokens, f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens")
+    check_context(model.config, ids.shape[1] + args.max_new_tokens, f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens")
     g = generate(model, ids, args.max_new_tokens, engine=args.engine, time_linears=True)
     print(args.prompt + tok.decode(g["tokens"][0]))
     if _progress(args):

@@ -94,6 +94,13 @@ def llama_parts(block: nn.Module, what: str) -> dict[str, nn.Module]:
     return parts
 
 
+def check_context(config, length: int, what: str) -> None:
+    """Positions past the model's context are extrapolation at best and hours of work at worst."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    if ctx and length > ctx:
+        raise UserError(f"{what} = {length} tokens exceeds the model's context of {ctx} tokens (max_position_embeddings)")
+
+
 def attention_heads(model_or_config) -> tuple[int, int, int]:
     """(query heads, key/value heads, head dim) from a model config."""
     cfg = getattr(model_or_config, "config", model_or_config)

@@ -77,17 +77,23 @@ def embedded_dir(name: str) -> Path:
     return target
 
 
+def read_gguf(path: Path):
+    """A gguf.GGUFReader over `path`, or one line saying the file is unreadable."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises several types on truncated or corrupt files
+        raise UserError(f"{path}: unreadable GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def check_gguf_fits(path: Path, dtype: torch.dtype) -> None:
     """Before transformers dequantizes a GGUF whole: it must hold the weights its header
     implies (a vocabulary-only file describes an 8B model and holds none), and their float
     copy (twice: transformers holds the file's tensors and the model at once) must fit in RAM."""
     import psutil
-    from gguf import GGUFReader
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises several types on truncated or corrupt files
-        raise UserError(f"{path}: unreadable GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    reader = read_gguf(path)
     blocks = [t for t in reader.tensors if t.name.startswith("blk.")]
     if not blocks:
         raise UserError(f"{path}: holds no weight tensors of decoder blocks ({len(reader.tensors)} tensors in all; "

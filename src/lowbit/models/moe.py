@@ -108,8 +108,12 @@ def unfuse_experts(model: nn.Module, copy_weights: bool = True) -> int:
     return len(fused)
 
 
+# the config field that counts routed experts, per family (Mixtral/gpt-oss/Llama 4, Qwen/OLMoE, DeepSeek/GLM)
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
 def is_moe_config(config) -> bool:
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     cfg = {**cfg.get("text_config", {}), **cfg} if isinstance(cfg.get("text_config"), dict) else cfg
-    return any((cfg.get(k) or 0) > 1 for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return any((cfg.get(k) or 0) > 1 for k in EXPERT_COUNT_KEYS)
 

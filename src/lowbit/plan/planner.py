@@ -18,6 +18,7 @@ from lowbit.core.qparams import num_groups
 from lowbit.core.scheme import Recipe, Scheme
 from lowbit.core.tensor import packed_nbytes
 from lowbit.errors import UserError
+from lowbit.models.moe import EXPERT_COUNT_KEYS
 from lowbit.plan.devices import Device
 
 GIB = 1024**3
@@ -142,7 +143,7 @@ class Arch:
 
 def _moe_fields(cfg: dict, g) -> dict:
     """The MoE and MLA fields of an HF config, from each family's own keys."""
-    experts = g("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", default=0) or 0
+    experts = g(*EXPERT_COUNT_KEYS, default=0) or 0
     if not experts:
         return {}
     layers = g("num_hidden_layers")
@@ -195,12 +196,9 @@ def arch_from_hf_config(cfg: dict, name: str = "model") -> Arch:
 
 
 def arch_from_gguf(path: Path) -> Arch:
-    from gguf import GGUFReader
+    from lowbit.models.load import read_gguf
 
-    try:
-        r = GGUFReader(str(path))
-    except Exception as e:  # the reader raises several types on corrupt files
-        raise UserError(f"{path}: unreadable GGUF ({type(e).__name__}: {e})") from None
+    r = read_gguf(path)
 
     def val(key, default=None):
         f = r.fields.get(key)
@@ -287,14 +285,13 @@ def _stored_bytes(arch: Arch, recipe: Recipe | None, float_dtype_bytes: int = 2)
                 c, sc, f = linear_bytes(o, n, scheme, float_dtype_bytes)
                 codes, scales, floats = codes + c, scales + sc, floats + f
                 if name.startswith("experts."):
-                    expert_bytes += c + sc + f + (o * float_dtype_bytes if arch.expert_bias else 0)  # + their biases
+                    bias = o * float_dtype_bytes if arch.expert_bias else 0  # gpt-oss: float biases beside the codes
+                    floats += bias
+                    expert_bytes += c + sc + f + bias
     comp = arch.components()
     floats += (comp["embeddings"] + comp["norms"]) * float_dtype_bytes
     if arch.qkv_bias:
         floats += arch.layers * (arch.heads + 2 * arch.kv_heads) * arch.head_dim * float_dtype_bytes
-    if arch.expert_bias:
-        floats += sum(o * copies for i in range(arch.layers) for name, o, _, copies in arch.linears(i)
-                      if name.startswith("experts.")) * float_dtype_bytes
     if not arch.tied:
         head_scheme = recipe.scheme_for("lm_head") if recipe else None
         c, sc, f = linear_bytes(arch.vocab, arch.hidden, head_scheme, float_dtype_bytes)

@@ -31,7 +31,7 @@ from lowbit.core.tensor import QuantizedTensor, quantize_tensor
 from lowbit.errors import UserError
 from lowbit.io.files import check_output, output_lock
 from lowbit.io.text import check_text_source, text_windows
-from lowbit.models.adapters import attention_heads, decoder_layers, is_linear, linear_weight
+from lowbit.models.adapters import attention_heads, check_context, decoder_layers, is_linear, linear_weight
 from lowbit.models.load import load_float
 from lowbit.models.moe import is_moe_config, unfuse_experts
 from lowbit.quantization.runner import Blocks, RunOptions, dist_rank_world, run_sequential
@@ -299,9 +299,8 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
     info.update(bq.info)
     calib = None
     if job.calibrated:
-        ctx = getattr(model.config, "max_position_embeddings", None)
-        if calib_ids is None and ctx and job.calibration.seq_len > ctx:
-            raise UserError(f"--seq-len {job.calibration.seq_len} exceeds the model's context of {ctx} tokens (max_position_embeddings)")
+        if calib_ids is None:
+            check_context(model.config, job.calibration.seq_len, "--seq-len")
         calib = calib_ids if calib_ids is not None else calibration_windows(src.tokenizer, job.calibration)
         check_ids_fit(calib, model, src.name)
     blocks = src.blocks(bq, calib, out, dry_run)

@@ -72,9 +72,7 @@ def _build_lock(build: Path):
     fd = os.open(build.parent / f".{build.name}.lowbit-build-lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        stale = build / "lock"
-        if stale.exists():
-            stale.unlink(missing_ok=True)
+        (build / "lock").unlink(missing_ok=True)  # stale: no lowbit build holds our lock
         yield
     finally:
         os.close(fd)
