@@ -1,5 +1,5 @@
 # The README's commands. Each one sets up .venv itself (scripts/setup.sh).
-.PHONY: setup demo test test-slow bench
+.PHONY: setup demo test test-slow bench llama-cpp
 
 setup:
 	@bash scripts/setup.sh
@@ -7,11 +7,16 @@ setup:
 demo: setup
 	.venv/bin/lowbit demo
 
-test: setup
+# llama.cpp's tools, built once per host ISA from the llama-cpp-python sdist (~8 minutes, then cached):
+# the tests have llama.cpp itself read lowbit's GGUF files.
+llama-cpp: setup
+	.venv/bin/python -m lowbit.io.interop.llamacpp
+
+test: setup llama-cpp
 	.venv/bin/ruff check src tests benchmarks scripts
 	.venv/bin/python -m pytest -m "not slow" -q
 
-test-slow: setup  # exit 5 = no test is marked slow yet: not a failure
+test-slow: setup llama-cpp  # exit 5 = no test is marked slow yet: not a failure
 	.venv/bin/python -m pytest -m slow -q || [ $$? -eq 5 ]
 
 bench: setup

@@ -37,28 +37,40 @@ def _logits(model, ids):
 
 # ---- GGUF blocks against the gguf package's own quantizer / dequantizer -------------------
 
-@pytest.mark.parametrize("qtype,name", [(T.Q8_0, "q8_0"), (T.Q4_0, "q4_0"), (T.Q4_1, "q4_1")])
+@pytest.mark.parametrize("qtype,name", [(T.Q8_0, "q8_0"), (T.Q4_0, "q4_0"), (T.Q4_1, "q4_1"), (T.Q5_0, "q5_0"),
+                                        (T.Q5_1, "q5_1")])
 def test_gguf_blocks_are_read_and_written_bit_exactly(qtype, name):
-    from lowbit.io.interop.gguf_io import blocks_from_qtensor, qtensor_from_blocks
+    from lowbit.io.interop.gguf_blocks import blocks_from_qtensor, qtensor_from_blocks
 
     w = (torch.randn(48, 128) * torch.linspace(0.1, 3, 128)).numpy().astype(np.float32)
     raw = gguf.quants.quantize(w, qtype)  # llama.cpp's layout, written by gguf itself
-    qt = qtensor_from_blocks(raw, qtype, (48, 128))
+    qt = qtensor_from_blocks(raw, qtype.name, (48, 128))
     assert qt.scheme.name == name
     theirs = gguf.quants.dequantize(raw, qtype)
     assert np.array_equal(qt.dequantize().numpy(), theirs)
     back, t = blocks_from_qtensor(qt)
-    assert t == qtype and np.array_equal(back, raw)
+    assert t == qtype.name and np.array_equal(back, raw)
+    # lowbit's own rounding of the same type (signed-range search + refit) is closer to w than llama.cpp's reference
+    ours = quantize_tensor(torch.from_numpy(w), name).dequantize().numpy()
+    assert np.linalg.norm(ours - w) < np.linalg.norm(theirs - w)
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1"])
+GGUF_TYPES = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "iq4_nl", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k"]
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
 def test_lowbit_quantized_gguf_schemes_decode_the_same_in_gguf(name):
-    from lowbit.io.interop.gguf_io import blocks_from_qtensor
+    from lowbit.io.interop.gguf_blocks import LAYOUT, blocks_from_qtensor, qtensor_from_blocks
 
-    x = torch.randn(32, 96) + 0.3
+    x = (torch.randn(16, 512) + 0.3) * torch.linspace(0.05, 2, 512)
+    x[3, 7] = 25.0  # an outlier
     qt = quantize_tensor(x, name)
-    raw, qtype = blocks_from_qtensor(qt)
-    assert np.array_equal(gguf.quants.dequantize(raw, qtype), qt.dequantize().numpy())
+    raw, tname = blocks_from_qtensor(qt)
+    _, qk, nbytes = LAYOUT[tname]
+    assert raw.shape == (16, 512 // qk * nbytes) and qt.nbytes == raw.size  # nbytes counts what GGUF stores
+    assert np.array_equal(gguf.quants.dequantize(raw, T[tname]), qt.dequantize().numpy())
+    again = qtensor_from_blocks(raw, tname, (16, 512))
+    assert again.scheme == qt.scheme and torch.equal(again.dequantize(), qt.dequantize())
 
 
 def test_gguf_refuses_inexact_schemes_unless_asked(embedded, tmp_path):
@@ -234,19 +246,25 @@ def test_cli_quantize_export_import_eval(tmp_path, capsys):
     assert res["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("qtype,nbytes,fp16_at", [(T.Q4_K, 144, [(0, 2), (2, 4)]), (T.Q6_K, 210, [(208, 210)])])
-def test_k_quants_import_bit_exactly(qtype, nbytes, fp16_at):
-    """Random super-blocks (any bytes are valid codes and sub-scales), decoded by gguf itself."""
-    from lowbit.io.interop.gguf_io import qtensor_from_blocks
+@pytest.mark.parametrize("qtype,fp16_at", [(T.Q4_K, [(0, 2), (2, 4)]), (T.Q5_K, [(0, 2), (2, 4)]),
+                                            (T.Q6_K, [(208, 210)]), (T.Q3_K, [(108, 110)]), (T.Q2_K, [(80, 82), (82, 84)]),
+                                            (T.IQ4_XS, [(0, 2)]), (T.IQ4_NL, [(0, 2)])])
+def test_gguf_types_import_bit_exactly_and_export_without_rerounding(qtype, fp16_at):
+    """Random blocks (any bytes are valid codes and sub-scales), decoded by gguf itself."""
+    from lowbit.io.interop.gguf_blocks import LAYOUT, blocks_from_qtensor, qtensor_from_blocks
 
+    _, qk, nbytes = LAYOUT[qtype.name]
     rng = np.random.default_rng(0)
     rows, cols = 8, 512
-    raw = rng.integers(0, 256, size=(rows * cols // 256, nbytes), dtype=np.uint8)
+    raw = rng.integers(0, 256, size=(rows * cols // qk, nbytes), dtype=np.uint8)
     for a, b in fp16_at:  # keep the fp16 super-scales finite
         raw[:, a:b] = rng.uniform(1e-3, 0.1, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
     raw = raw.reshape(rows, -1)
-    qt = qtensor_from_blocks(raw, qtype, (rows, cols))
-    assert np.array_equal(qt.dequantize().numpy(), gguf.quants.dequantize(raw, qtype))
+    qt = qtensor_from_blocks(raw, qtype.name, (rows, cols))
+    theirs = gguf.quants.dequantize(raw, qtype)
+    assert np.array_equal(qt.dequantize().numpy(), theirs)
+    back, tname = blocks_from_qtensor(qt)  # the two-level scales factor back exactly
+    assert tname == qtype.name and np.array_equal(gguf.quants.dequantize(back, qtype), theirs)
 
 
 def _autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:

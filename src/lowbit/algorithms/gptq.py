@@ -93,13 +93,17 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksi
     # Per-row (or per-tensor) parameters come from the whole weight up front; per-group
     # parameters are chosen as each group starts (below).
     grouped = scheme.granularity == "group"
-    local = scheme.with_(granularity="channel", group_size=None) if grouped else scheme
+    local = scheme.with_(granularity="channel", group_size=None, super_block=None, scale_bits=None) if grouped else scheme
     ng = len(groups)
     scale = torch.zeros(rows, ng) if grouped else None
     zero = torch.zeros(rows, ng) if grouped and scheme.has_zero_point else None
     if not grouped:
         imp = None if importance is None or scheme.granularity == "tensor" else torch.diag(hessian.float())
         scale, zero = choose_qparams(weight.detach().float(), scheme, imp)
+    fixed = None
+    if grouped and scheme.super_block:  # two-level scales tie a super-block's groups: all chosen up front
+        imp = None if importance is None else torch.diag(hessian.float())
+        fixed = choose_qparams(weight.detach().float(), scheme, imp)
 
     # Blocks hold whole groups (up to `blocksize` columns) so a group never straddles one.
     blocks, start = [], 0
@@ -121,7 +125,11 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksi
         Err = torch.zeros_like(W1)
         U1 = U[b0:b1, b0:b1]
         for gi, g0, g1 in members:
-            if grouped:
+            if fixed is not None:
+                og = groups[gi].start // scheme.group_size
+                s_col = fixed[0][:, og:og + 1]
+                z_col = None if fixed[1] is None else fixed[1][:, og:og + 1]
+            elif grouped:
                 imp = None if importance is None else importance[g0:g1]
                 s, z = choose_qparams(W1[:, g0 - b0 : g1 - b0], local, imp)
                 scale[:, gi] = s[:, 0]
@@ -145,6 +153,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksi
     Q = Q[:, inv]
     if not grouped:
         return quantize_tensor(Q, scheme, scale=scale, zero_point=zero, name=name)
+    if fixed is not None:
+        return quantize_tensor(Q, scheme, scale=fixed[0], zero_point=fixed[1], name=name)
     # groups were visited out of order: gather them back into stored (ascending) order
     back = torch.argsort(torch.tensor([g.start for g in groups]))
     return quantize_tensor(Q, scheme, scale=scale[:, back], zero_point=None if zero is None else zero[:, back], name=name)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from lowbit.analysis.collect import linear_kind
 from lowbit.core.qparams import fake_quantize
-from lowbit.core.scheme import Scheme
+from lowbit.core.scheme import Scheme, fitting
 from lowbit.evaluate.quality import next_token_logprobs
 from lowbit.models.adapters import decoder_layers, final_norm, is_linear, linear_weight, set_linear_weight
 from lowbit.quantization.runner import BlockInputs
@@ -97,7 +97,7 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, scheme: str = "w3
     for name, mod in tqdm(linears.items(), desc="analyze: sensitivity", unit="layer",
                           disable=not progress, leave=False):
         w = linear_weight(mod).detach().clone()
-        set_linear_weight(mod, fake_quantize(w, s))
+        set_linear_weight(mod, fake_quantize(w, fitting(s, w.shape[-1])))  # the type a K-quant row really gets
         try:
             lp = tail.logprobs(block_of[name]) if tail is not None else _logprobs(model, windows, batch_size)
         finally:

@@ -13,7 +13,7 @@ from lowbit.analysis.findings import findings, recommend
 from lowbit.analysis.probes import load_probes, run_probes
 from lowbit.analysis.report import write_report
 from lowbit.api import load, make_recipe, quantize
-from lowbit.core.scheme import Recipe, Scheme
+from lowbit.core.scheme import GGUF_PRESETS, Recipe, Scheme
 from lowbit.errors import UserError
 from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants
 from lowbit.evaluate.compare import compare, format_quality_table
@@ -48,13 +48,11 @@ def cmd_quantize(args) -> int:
     if args.target_bits is not None:
         if args.recipe:
             raise UserError("--target-bits builds a recipe; it cannot be combined with --recipe")
-        try:
-            choices = tuple(int(b) for b in args.bit_choices.split(",")) if args.bit_choices else None
-        except ValueError:
-            raise UserError(f"--bit-choices {args.bit_choices!r}: give comma-separated bit widths, e.g. 3,4") from None
+        choices = _bit_choices(args.bit_choices) if args.bit_choices else None
         recipe, mixed_info = _mixed_recipe(args, recipe, choices)
     mopts = MethodOptions(smoothquant_alpha=args.alpha, outlier_threshold=args.outlier_threshold,
-                          rotation_seed=args.seed, qat=QATOptions(steps=args.qat_steps, seed=args.seed))
+                          rotation_seed=args.seed, qat=QATOptions(steps=args.qat_steps, seed=args.seed),
+                          imatrix=args.imatrix, imatrix_out=args.imatrix_out)
     extra = {"mixed_precision": mixed_info} if args.target_bits is not None else None
     _init_distributed()
     res = quantize(args.model, calib=args.calib, text_field=args.text_field, recipe=recipe, samples=args.samples,
@@ -71,13 +69,24 @@ def cmd_quantize(args) -> int:
         html_path, _ = _quantize_report(args, res)
         print(f"report -> {html_path}")
     b = res.info["bytes"]
-    for key in ("outlier_split", "qat"):
+    for key in ("outlier_split", "qat", "imatrix", "imatrix_out"):
         if key in res.info:
             print(f"{key}: {json.dumps(res.info[key])}")
     print(f"quantized {res.info['quantized_modules']} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
           f"{b['float_bytes'] / 1e6:.1f} MB float; {100 * res.info['quantized_weight_fraction']:.1f}% of weight-matrix parameters quantized)")
     return 0
+
+
+def _bit_choices(text: str) -> tuple:
+    """'3,4' -> (3, 4); 'q4_k,q6_k' -> GGUF types (one kind at a time)."""
+    items = [b.strip().lower() for b in text.split(",")]
+    if all(b.isascii() and b.isdigit() for b in items):
+        return tuple(int(b) for b in items)
+    if all(b in GGUF_PRESETS for b in items):
+        return tuple(items)
+    raise UserError(f"--bit-choices {text!r}: give comma-separated bit widths (3,4) or GGUF types "
+                    f"({', '.join(GGUF_PRESETS)})")
 
 
 def _init_distributed() -> None:

@@ -81,14 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(p, quantized_ok=False)
     p.add_argument("--method", default="gptq", help="rtn, gptq, awq, smoothquant, outlier-split, rotate, qat, or a composition "
                    "such as awq+gptq, smoothquant+gptq, rotate+gptq (default: gptq)")
-    p.add_argument("--target-bits", type=_number(float, 1, 8), help="mixed precision: measure each layer's sensitivity, then give layers "
-                   "the --bit-choices that average this many code bits per weight with the least predicted loss (e.g. 3.5)")
-    p.add_argument("--bit-choices", help="comma-separated bit widths for --target-bits (default: the two around it)")
+    p.add_argument("--target-bits", type=_number(float, 1, 9), help="mixed precision: measure each layer's sensitivity, then give layers "
+                   "the --bit-choices that average this many code bits per weight with the least predicted loss (e.g. 3.5; "
+                   "with a GGUF --scheme, all stored bits per weight over GGUF types, e.g. 4.8)")
+    p.add_argument("--bit-choices", help="comma-separated bit widths (3,4) or GGUF types (q4_k,q6_k) for --target-bits "
+                   "(default: the two around it)")
     p.add_argument("--recipe", metavar="JSON", help="reuse a saved recipe (e.g. recipe.json of an earlier --target-bits run); "
                    "--scheme/--method/--include/--exclude are then ignored")
     p.add_argument("--alpha", type=_number(float, 0, 1), default=0.5, help="SmoothQuant migration strength (default: 0.5)")
     p.add_argument("--outlier-threshold", type=_number(float, 0, lo_open=True), default=6.0, help="outlier-split: input channels whose calibration |x| "
                    "reaches this stay in float (default: 6.0, LLM.int8's)")
+    p.add_argument("--imatrix", metavar="GGUF", help="a llama.cpp importance matrix (llama-imatrix's .gguf): weights the scale "
+                   "search of rtn the way llama-quantize does")
+    p.add_argument("--imatrix-out", metavar="GGUF", help="also write this run's calibration statistics (sum of x^2 per input "
+                   "channel) as an importance matrix llama-quantize --imatrix reads")
     p.add_argument("--qat-steps", type=COUNT, default=64, help="qat: fine-tuning steps (default: 64)")
     p.add_argument("--scheme", default="w4a16-g64", help="scheme name, e.g. w4a16-g64, w4a16-g128-asym, w8a16 (see 'lowbit schemes')")
     p.add_argument("--calib", default="wiki", help="calibration text: 'wiki', a .txt or .jsonl file (default: wiki)")

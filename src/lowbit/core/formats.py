@@ -21,6 +21,9 @@ NF4_LEVELS = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+# llama.cpp's IQ4_NL / IQ4_XS levels (a non-uniform, slightly asymmetric int8 grid),
+# the values ggml's kvalues_iq4nl table gives them.
+IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # FP4 E2M1 magnitudes for codes 0..7; bit 3 is the sign (OCP MX spec).
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -67,6 +70,11 @@ class NumberFormat:
             return q
         return value_table(self.name)[codes.long()]
 
+    def grid_range(self, symmetric: bool = True) -> tuple[float, float]:
+        """(most negative, most positive) grid value: -8, 7 for int4; -127, 113 for IQ4_NL."""
+        g = self.grid(symmetric)
+        return float(g[0]), float(g[-1])
+
     def grid(self, symmetric: bool = True) -> torch.Tensor:
         """Every representable (finite) grid value, sorted."""
         if self.kind == "int":
@@ -109,6 +117,8 @@ def value_table(name: str) -> torch.Tensor:
             t = torch.cat([mag, -mag])
         elif name == "nf4":
             t = torch.tensor(NF4_LEVELS)
+        elif name == "iq4nl":
+            t = torch.tensor(IQ4NL_LEVELS, dtype=torch.float32)
         else:
             raise KeyError(name)
         _TABLE_CACHE[name] = t
@@ -132,6 +142,7 @@ _FLOAT_ENCODERS = {
     "fp8_e5m2": _fp8_encoder(torch.float8_e5m2, 57344.0),
     "fp4_e2m1": _table_encoder("fp4_e2m1"),
     "nf4": _table_encoder("nf4"),
+    "iq4nl": _table_encoder("iq4nl"),
 }
 
 FORMATS: dict[str, NumberFormat] = {
@@ -140,6 +151,7 @@ FORMATS: dict[str, NumberFormat] = {
     "fp8_e5m2": NumberFormat("fp8_e5m2", 8, "float", 57344.0, 15),
     "fp4_e2m1": NumberFormat("fp4_e2m1", 4, "float", 6.0, 2),
     "nf4": NumberFormat("nf4", 4, "float", 1.0, 0),
+    "iq4nl": NumberFormat("iq4nl", 4, "float", 127.0, 0),
 }
 
 

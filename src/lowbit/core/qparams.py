@@ -58,7 +58,9 @@ def round_scale(scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
         return torch.exp2(e8m0_exponent(scale, scheme.number_format).float() - 127)
     dt = scheme.scale_storage_dtype
     tiny = torch.finfo(dt).tiny
-    return scale.clamp(min=tiny).to(dt).to(torch.float32)
+    # a negative scale flips the grid (the signed-range search below uses it, as llama.cpp does)
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    return sign * (scale.abs().clamp(min=tiny).to(dt).to(torch.float32))
 
 
 def e8m0_exponent(amax_scale: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
@@ -74,6 +76,8 @@ def e8m0_exponent(amax_scale: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
     """Scale (and zero point for affine) covering [lo, hi] exactly."""
     fmt = scheme.number_format
+    if scheme.float_zero and scheme.super_block:  # K-quants store the zero as -dmin*m, m >= 0
+        lo = lo.clamp(max=0)
     if scheme.float_zero:  # w = scale * code + zero: the range need not contain 0
         qmax = (1 << fmt.bits) - 1
         scale = (hi - lo) / qmax
@@ -87,6 +91,10 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
         scale = round_scale(scale, scheme)
         zero = torch.round(-lo / scale).clamp(0, qmax)
         return scale, zero
+    gmin, gmax = fmt.grid_range()
+    if fmt.kind == "float" and gmin != -gmax:  # a lopsided table (IQ4_NL): the smallest scale that covers
+        scale = torch.maximum(hi / gmax, lo / gmin)
+        return round_scale(torch.where(scale > 0, scale, torch.ones_like(scale)), scheme), None
     amax = torch.maximum(lo.abs(), hi.abs())
     top = (1 << (fmt.bits - 1)) - 1 if fmt.kind == "int" else fmt.max_value
     scale = amax / top
@@ -133,6 +141,13 @@ def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | N
     for a search.
     """
     x = as_2d(x).to(torch.float32)
+    scale, zero = _group_qparams(x, scheme, importance, hessian)
+    if scheme.super_block:
+        scale, zero = superblock_qparams(scale, zero, scheme)
+    return scale, zero
+
+
+def _group_qparams(x, scheme, importance, hessian):
     xg = group_view(x, scheme)
     if hessian is not None:
         lo, hi = group_range(xg)
@@ -157,28 +172,108 @@ def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | N
     return mse_search(xg, lo, hi, scheme, w)
 
 
+def signed_range(scheme: Scheme) -> bool:
+    """A symmetric grid whose ends differ (int4's -8..7, IQ4_NL's -127..113): a scale of either
+    sign is worth trying, since the value of largest magnitude may go to either end."""
+    gmin, gmax = scheme.number_format.grid_range()
+    return scheme.symmetric and not scheme.is_mx and gmin != -gmax
+
+
+def _candidates(lo: torch.Tensor, hi: torch.Tensor, p: float, scheme: Scheme):
+    """(scale, zero) candidates for the clip range p*[lo, hi]."""
+    yield qparams_from_range(lo * p, hi * p, scheme)
+    if signed_range(scheme):
+        gmin, gmax = scheme.number_format.grid_range()
+        pos = torch.maximum(hi / gmax, lo / gmin) * p  # the whole grid, either way round
+        neg = torch.maximum(-lo / gmax, hi / -gmin) * p
+        for s in (pos, -neg):
+            yield round_scale(torch.where(s != 0, s, torch.ones_like(s)), scheme), None
+
+
 def clip_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme, grid, group_error):
-    """Per group, the clip range p*[lo, hi] (p in `grid`) whose error group_error(w_hat - w) -> [R, G]
-    is least. The grids start at p = 1 (absmax/minmax), so the result is never worse than that."""
+    """Per group, the clip range p*[lo, hi] (p in `grid`, and on signed-range grids both
+    orientations of the whole grid) whose error group_error(w_hat - w) -> [R, G] is least.
+    The grids start at p = 1 (absmax/minmax), so the result is never worse than that."""
     best_err = torch.full(lo.shape, torch.inf)
     best_scale = torch.zeros_like(lo)
     best_zero = torch.zeros_like(lo) if scheme.has_zero_point else None
     for p in grid:
-        scale, zero = qparams_from_range(lo * p, hi * p, scheme)
-        err = group_error(fake_quant_grouped(xg, scale, zero, scheme) - xg)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        if best_zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        for scale, zero in _candidates(lo, hi, p, scheme):
+            err = group_error(fake_quant_grouped(xg, scale, zero, scheme) - xg)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            if best_zero is not None:
+                best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero, best_err
+
+
+def refit(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, err: torch.Tensor, scheme: Scheme,
+          weight: torch.Tensor | None, rounds: int = 2):
+    """Least-squares refit of each group's scale (and float zero) to its chosen codes, then
+    re-round; kept per group where the weighted error drops. Symmetric and float-zero grids."""
+    if scheme.has_zero_point and not scheme.float_zero or scheme.is_mx:
+        return scale, zero
+    w = torch.ones_like(xg) if weight is None else weight.expand_as(xg)
+    w = torch.where(torch.isnan(xg), 0.0, w)
+    x = xg.nan_to_num(0.0)
+    for _ in range(rounds):
+        s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+        q = scheme.number_format.decode(encode_grouped(xg, s, z, scheme), scheme.symmetric)
+        if zero is None:  # min sum w (x - s q)^2
+            new_s, new_z = (w * x * q).sum(-1) / (w * q * q).sum(-1).clamp(min=1e-30), None
+        else:  # min sum w (x - s q - z)^2: 2x2 normal equations
+            sw, sq, sx = w.sum(-1), (w * q).sum(-1), (w * x).sum(-1)
+            sqq, sqx = (w * q * q).sum(-1), (w * q * x).sum(-1)
+            det = sw * sqq - sq * sq
+            ok = det.abs() > 1e-30
+            new_s = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, 1.0), scale)
+            new_z = torch.where(ok, (sx - new_s * sq) / sw.clamp(min=1e-30), zero)
+            if scheme.super_block:
+                new_z = new_z.clamp(max=0)
+            new_s = torch.where(new_s > 0, new_s, scale)
+            new_z = new_z.to(scheme.scale_storage_dtype).to(torch.float32)
+        new_s = round_scale(torch.where(new_s != 0, new_s, scale), scheme)
+        e = ((fake_quant_grouped(xg, new_s, new_z, scheme) - xg).pow(2) * w).nansum(-1)
+        better = e < err
+        err = torch.where(better, e, err)
+        scale = torch.where(better, new_s, scale)
+        if zero is not None:
+            zero = torch.where(better, new_z, zero)
+    return scale, zero
 
 
 def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme,
                importance: torch.Tensor | None = None):
-    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least (weighted) squared error."""
-    return clip_search(xg, lo, hi, scheme, MSE_GRID,
-                       lambda e: (e.pow(2) if importance is None else e.pow(2) * importance).nansum(-1))
+    """Per group, the clip range p*[lo, hi] (p in MSE_GRID) with the least (weighted) squared
+    error, then refit by least squares to the codes it chose."""
+    scale, zero, err = clip_search(xg, lo, hi, scheme, MSE_GRID,
+                                   lambda e: (e.pow(2) if importance is None else e.pow(2) * importance).nansum(-1))
+    return refit(xg, scale, zero, err, scheme, importance)
+
+
+def superblock_qparams(scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme):
+    """K-quant two-level scales: each super-block's group scales become integers of
+    `scale_bits` times one fp16 factor (signed for symmetric grids; unsigned scales and
+    mins -dmin*m for float-zero ones). Returns the exact fp32 products."""
+    rows, groups = scale.shape
+    k = scheme.super_block // scheme.group_size
+    pad = -groups % k
+
+    def two_level(v: torch.Tensor, signed: bool, floor: int) -> torch.Tensor:
+        vb = torch.nn.functional.pad(v, (0, pad)).reshape(rows, -1, k)
+        top = (1 << (scheme.scale_bits - 1)) - 1 if signed else (1 << scheme.scale_bits) - 1
+        d = vb.abs().amax(-1, keepdim=True) / top
+        d = torch.where(d > 0, d, torch.ones_like(d)).clamp(2.0**-24, 65504).to(torch.float16).to(torch.float32)
+        n = torch.round(vb / d).clamp(-top - 1 if signed else 0, top)
+        if floor:  # a scale never rounds to zero (its group would decode to a constant)
+            n = torch.where(n.abs() < floor, torch.where(vb < 0, -1.0, 1.0) * floor, n)
+        return (d * n).reshape(rows, -1)[:, :groups]
+
+    scale = two_level(scale, scheme.symmetric, 1)
+    if zero is not None:
+        zero = -two_level(-zero, False, 0)
+    return scale, zero
 
 
 # AWQ's clipping grid: 20 shrink factors from 1.0 down to 0.525.
@@ -204,8 +299,9 @@ def output_error_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sc
     the group's weight error and H_gg its block of the input Hessian: the squared output
     error that group adds on the calibration inputs."""
     hb = hessian_blocks(hessian, scheme, hessian.shape[0])
-    return clip_search(xg, lo, hi, scheme, CLIP_GRID,
-                       lambda e: torch.einsum("rgi,gij,rgj->rg", e.nan_to_num(0.0), hb, e.nan_to_num(0.0)))
+    scale, zero, _ = clip_search(xg, lo, hi, scheme, CLIP_GRID,
+                                 lambda e: torch.einsum("rgi,gij,rgj->rg", e.nan_to_num(0.0), hb, e.nan_to_num(0.0)))
+    return scale, zero
 
 
 def quantize_activations(x: torch.Tensor, scheme: Scheme, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ ZERO_DOMAINS = ("int", "float")
 
 VALID_FORMS = (
     "model presets: w{2..8}a{16|8|4}[-g{G}][-asym][-mse][-static] (e.g. w4a16-g128, w4a16-g64-asym, w8a16, w8a8, "
-    "w4a4; -static: one calibrated activation scale per tensor instead of per-token scales), fp8[-static], nf4, mxfp4, mxfp8, and GGUF's q8_0, q4_0, q4_1; "
+    "w4a4; -static: one calibrated activation scale per tensor instead of per-token scales), fp8[-static], nf4, mxfp4, mxfp8, and GGUF's q8_0, q5_0, q5_1, q4_0, q4_1, iq4_nl, q6_k, q5_k, q4_k, iq4_xs, q3_k, q2_k; "
     "tensor-level: {int2..int8|fp8|fp8e5m2|fp4|nf4}-{tensor|channel|token|g{G}}[-asym[-fzero]][-mse|-p{percentile}] "
     "(e.g. int8-tensor, int4-channel, int3-g64-asym, int4-g128-mse, nf4-g64, int4-g32-asym-fzero)"
 )
@@ -52,6 +52,10 @@ class Scheme:
     dynamic: bool = False
     activations: "Scheme | None" = None
     zero_domain: str = "int"
+    # GGUF K-quants: the group scales (and float zeros) are themselves quantized to
+    # `scale_bits`-bit integers times one fp16 factor per `super_block` elements of a row.
+    super_block: int | None = None
+    scale_bits: int | None = None
     name: str = ""
 
     def __post_init__(self):
@@ -77,6 +81,14 @@ class Scheme:
             raise SchemeError("a float zero point (-fzero) needs an affine integer scheme ('-asym') with float scales")
         if self.scale_dtype == "e8m0" and (fmt.kind != "float" or self.scale_method != "absmax"):
             raise SchemeError("power-of-two (E8M0) scales are for MX float formats with absmax scales")
+        if (self.super_block is None) != (self.scale_bits is None):
+            raise SchemeError("super_block and scale_bits come together (two-level scales)")
+        if self.super_block is not None:
+            if self.granularity != "group" or self.super_block % self.group_size or self.scale_dtype != "float32":
+                raise SchemeError("two-level scales need group granularity, a super_block that is a multiple of "
+                                  "group_size and float32 scale products")
+            if not 4 <= self.scale_bits <= 8:
+                raise SchemeError(f"scale_bits {self.scale_bits}: 4..8 are supported")
         if not self.name:
             object.__setattr__(self, "name", self._describe())
 
@@ -114,6 +126,8 @@ class Scheme:
             s += "-asym"
         if self.zero_domain == "float":
             s += "-fzero"
+        if self.super_block:
+            s += f"-sb{self.super_block}s{self.scale_bits}"
         if self.scale_method == "mse":
             s += "-mse"
         elif self.scale_method == "percentile":
@@ -129,6 +143,8 @@ class Scheme:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["activations"] = self.activations.to_dict() if self.activations else None
+        if self.super_block is None:  # one-level schemes keep the dict (and files) they always had
+            del d["super_block"], d["scale_bits"]
         return d
 
     @classmethod
@@ -247,13 +263,41 @@ def _parse(key: str) -> Scheme | None:
     return None
 
 
-# llama.cpp's block formats (blocks of 32, fp16 scales) as lowbit schemes, exactly:
-# Q8_0 w = d*q (q int8), Q4_0 w = d*(q-8) (a signed int4 code), Q4_1 w = d*q + m.
+# llama.cpp's block types as lowbit schemes, exactly (Q4_0 w = d*(q-8) is a signed int4
+# code; Q4_1 w = d*q + m a float zero; IQ4_NL w = d*kvalues[q]; the K-quants keep per-group
+# products d*sc, -dmin*m in fp32 with sc, m integers of `scale_bits`). Each searches its
+# scales (MSE over clip ranges of both signs, then a least-squares refit): what is searched
+# is what llama.cpp decodes.
+def _gguf(fmt, g, sym=True, sb=None, sbits=None, **kw):
+    return Scheme(format=fmt, granularity="group", group_size=g, symmetric=sym, zero_domain="int" if sym else "float",
+                  scale_method="mse", super_block=sb, scale_bits=sbits,
+                  scale_dtype="float32" if sb else "float16", **kw)
+
+
 GGUF_PRESETS = {
-    "q8_0": Scheme(format="int8", granularity="group", group_size=32, name="q8_0"),
-    "q4_0": Scheme(format="int4", granularity="group", group_size=32, name="q4_0"),
-    "q4_1": Scheme(format="int4", symmetric=False, zero_domain="float", granularity="group", group_size=32, name="q4_1"),
+    "q8_0": _gguf("int8", 32, name="q8_0"),
+    "q5_0": _gguf("int5", 32, name="q5_0"),
+    "q5_1": _gguf("int5", 32, False, name="q5_1"),
+    "q4_0": _gguf("int4", 32, name="q4_0"),
+    "q4_1": _gguf("int4", 32, False, name="q4_1"),
+    "iq4_nl": _gguf("iq4nl", 32, name="iq4_nl"),
+    "q6_k": _gguf("int6", 16, True, 256, 8, name="q6_k"),
+    "q5_k": _gguf("int5", 32, False, 256, 6, name="q5_k"),
+    "q4_k": _gguf("int4", 32, False, 256, 6, name="q4_k"),
+    "iq4_xs": _gguf("iq4nl", 32, True, 256, 6, name="iq4_xs"),
+    "q3_k": _gguf("int3", 16, True, 256, 6, name="q3_k"),
+    "q2_k": _gguf("int2", 16, False, 256, 4, name="q2_k"),
 }
+# llama.cpp's choice for a row that 256 does not divide (llama-quantize's tensor_type_fallback)
+GGUF_FALLBACK = {"q6_k": "q8_0", "q5_k": "q5_1", "q4_k": "q5_0", "iq4_xs": "iq4_nl", "q3_k": "q4_0", "q2_k": "q4_0"}
+
+
+def fitting(scheme: Scheme, cols: int) -> Scheme:
+    """`scheme` for a row of `cols`, or llama-quantize's fallback type when a K-quant's
+    256-element super-block does not divide the row."""
+    if scheme.super_block and cols % scheme.super_block and scheme.name in GGUF_FALLBACK:
+        return GGUF_PRESETS[GGUF_FALLBACK[scheme.name]]
+    return scheme
 
 PRESETS = ("w8a16", "w4a16", "w4a16-g128", "w4a16-g64", "w3a16-g64", "w8a8", "w8a8-static", "w4a8", "w4a4", "fp8",
            "fp8-static", "nf4", "mxfp4", "mxfp8")

@@ -65,6 +65,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return out
 
 
+def scale_nbytes(scheme: Scheme, rows: int, groups: int, cols: int) -> int:
+    """Bytes of the scales and zero points of [rows, groups] parameters over rows of `cols`."""
+    if scheme.super_block:  # integers of scale_bits per group (twice with a zero), one fp16 (two) per super-block
+        k = 2 if scheme.float_zero else 1
+        return (rows * groups * scheme.scale_bits * k + 7) // 8 + rows * math.ceil(cols / scheme.super_block) * 2 * k
+    n = rows * groups * scheme.scale_storage_dtype.itemsize
+    if scheme.float_zero:
+        return 2 * n
+    return n + (packed_nbytes(rows * groups, scheme.bits) if scheme.has_zero_point else 0)
+
+
 # ---- the tensor ---------------------------------------------------------------
 
 @dataclass
@@ -97,7 +108,11 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually stored: packed codes + scales + packed zero points."""
+        """Bytes actually stored: packed codes + scales + packed zero points. Two-level
+        (K-quant) scales count as the format stores them: `scale_bits` per group (twice
+        with a zero) and one fp16 factor (two with a zero) per super-block."""
+        if self.scheme.super_block:
+            return packed_nbytes(self.numel, self.scheme.bits) + scale_nbytes(self.scheme, *self.scale_shape, self.shape[-1])
         n = self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
         if self.zero_point is not None:
             n += self.zero_point.numel() * self.zero_point.element_size()

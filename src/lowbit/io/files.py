@@ -87,6 +87,20 @@ GGUF_WRITER_KEY = "general.quantized_by"
 
 
 @contextlib.contextmanager
+def wait_lock(lock: Path):
+    """Wait for, then hold, an flock on the file `lock` (the kernel drops it if the holder dies)."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def output_lock(out: str | os.PathLike):
     """Hold an exclusive lock on `out` (and so on its work folder) for a run: a second run to
     the same output is a one-line error naming the process that holds it."""

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lowbit.core.qparams import num_groups
-from lowbit.core.scheme import Recipe, Scheme
-from lowbit.core.tensor import packed_nbytes
+from lowbit.core.scheme import Recipe, Scheme, fitting
+from lowbit.core.tensor import packed_nbytes, scale_nbytes
 from lowbit.errors import UserError
 from lowbit.models.moe import EXPERT_COUNT_KEYS
 from lowbit.plan.devices import Device
@@ -253,10 +253,9 @@ def linear_bytes(out_f: int, in_f: int, scheme: Scheme | None, float_bytes: int)
     """(code bytes, scale + zero-point bytes, float bytes) of one Linear as lowbit stores it."""
     if scheme is None:
         return 0, 0, out_f * in_f * float_bytes
+    scheme = fitting(scheme, in_f)  # a K-quant on a row 256 does not divide: llama-quantize's fallback
     rows, groups = num_groups(scheme, out_f, in_f)
-    scale_b = rows * groups * scheme.scale_storage_dtype.itemsize
-    zero_b = packed_nbytes(rows * groups, scheme.bits) if (not scheme.symmetric and scheme.number_format.kind == "int") else 0
-    return packed_nbytes(out_f * in_f, scheme.bits), scale_b + zero_b, 0
+    return packed_nbytes(out_f * in_f, scheme.bits), scale_nbytes(scheme, rows, groups, in_f), 0
 
 
 def weight_bytes(arch: Arch, recipe: Recipe | None, float_dtype_bytes: int = 2) -> dict:

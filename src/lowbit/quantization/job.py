@@ -26,7 +26,7 @@ from lowbit.algorithms.rtn import rtn
 from lowbit.core.layer import QuantizedLayer
 from lowbit.core.method import Method
 from lowbit.core.qparams import choose_qparams, qparams_from_range
-from lowbit.core.scheme import Recipe, Scheme
+from lowbit.core.scheme import Recipe, Scheme, fitting
 from lowbit.core.tensor import QuantizedTensor, quantize_tensor
 from lowbit.errors import UserError
 from lowbit.io.files import check_output, output_lock
@@ -98,7 +98,7 @@ def target_modules(model: nn.Module, recipe: Recipe) -> dict[str, Scheme]:
                 if s.group_size and s.group_size > cols:  # every row would be padded to the group: memory for nothing
                     raise UserError(f"{name} has {cols} input columns, fewer than {s.name}'s group size {s.group_size}; "
                                     f"use a group size <= {cols}")
-                out[name] = s
+                out[name] = fitting(s, cols)
     if not out:
         raise UserError("the recipe selects no Linear modules (check --include/--exclude patterns)")
     return out
@@ -133,6 +133,8 @@ class MethodOptions:
     outlier_threshold: float = 6.0  # LLM.int8(): input channels whose |x| reaches this stay in float
     rotation_seed: int = 0
     qat: "object | None" = None  # QATOptions; defaults when None
+    imatrix: str | None = None  # read: llama.cpp importance matrix weighting RTN's scale search
+    imatrix_out: str | None = None  # write: the calibration's sum x^2 per input channel, as an imatrix
 
 
 def static_act_scale(amax: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -152,6 +154,8 @@ class BlockQuantizer:
         self.float_dtype = float_dtype
         self.latent: dict[str, torch.Tensor] = {}  # QAT's float starting points
         self.expert_tokens: dict[str, int] = {}  # MoE: calibration tokens routed to each expert
+        self.importance: dict[str, torch.Tensor] = {}  # an imatrix's mean x^2 per input channel
+        self.sqsums: dict[str, tuple[torch.Tensor, int]] = {}  # (sum x^2, tokens): an imatrix to write
         self.info: dict = {}
         self.prepare = None
         if plan.smooth:
@@ -164,6 +168,8 @@ class BlockQuantizer:
         if st is not None and ".experts." in name and name.endswith(".gate_proj"):
             self.expert_tokens[name.rsplit(".", 1)[0]] = st.n  # what the router sent it
         H = st.H if st is not None else None
+        if st is not None:
+            self.sqsums[name] = (st.sqsum, st.n)
         float_cols = float_weight = None
         if self.plan.outlier_split and st is not None:
             cols = torch.nonzero(st.amax >= self.mopts.outlier_threshold).flatten()
@@ -182,6 +188,9 @@ class BlockQuantizer:
 
     def _codes(self, name: str, w: torch.Tensor, H: torch.Tensor | None) -> QuantizedTensor:
         plan, scheme, opts = self.plan, self.targets[name], self.opts
+        if H is None and name in self.importance:  # llama.cpp's way with an imatrix: weighted scale search
+            scale, zero_point = choose_qparams(w, scheme, importance=self.importance[name])
+            return quantize_tensor(w, scheme, scale=scale, zero_point=zero_point, name=name)
         if H is None:
             return rtn(w, scheme, name)
         if plan.quantizer == "gptq":
@@ -249,6 +258,7 @@ def run(job: QuantizeJob, source: str | nn.Module, out: str | os.PathLike | None
     from lowbit.models.load import resolve_source
 
     plan = job.plan
+    check_imatrix_options(job)
     if job.calibrated and calib_ids is None:
         check_text_source(job.calibration.text)
     kind, path = (None, None) if isinstance(source, nn.Module) else resolve_source(source)
@@ -297,6 +307,12 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
         check_rotation_targets(model, targets)
     bq = BlockQuantizer(plan, targets, attention_heads(model) if plan.smooth else None, job.gptq, job.method, job.float_dtype)
     info.update(bq.info)
+    if job.method.imatrix:
+        from lowbit.io.interop.imatrix import read_imatrix
+
+        bq.importance = read_imatrix(job.method.imatrix, model.config, {n: linear_weight(model.get_submodule(n)).shape[1]
+                                                                         for n in targets})
+        info["imatrix"] = {"file": str(job.method.imatrix), "entries": len(bq.importance), "targets": len(targets)}
     calib = None
     if job.calibrated:
         if calib_ids is None:
@@ -309,6 +325,8 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
     teacher = copy.deepcopy(model).eval() if plan.quantizer == "qat" else None  # the float model QAT distils from
     layers = run_sequential(model, bq, calib, RunOptions(job.calibration.batch_size, job.progress,
                             f"{plan.name} {job.recipe.scheme.name}", job.gptq.true_sequential), blocks)
+    if job.method.imatrix_out:
+        info["imatrix_out"] = _write_imatrix(job, model, bq, targets, calib)
     if plan.quantizer == "qat":
         from lowbit.algorithms.qat import qat_finetune
 
@@ -343,6 +361,32 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
     model, tok = src.finish(layers, bq, out, describe)
     info["seconds"] = time.time() - t0
     return QuantizeResult(info, info["seconds"], out, model, tok) if dist_rank_world()[0] == 0 else None
+
+
+def check_imatrix_options(job: QuantizeJob) -> None:
+    """Before any work: what --imatrix / --imatrix-out can mean for this job."""
+    m = job.method
+    if m.imatrix and job.calibrated:
+        raise UserError(f"--imatrix weights round-to-nearest's scale search; {job.plan.name} calibrates its own statistics")
+    if m.imatrix and job.recipe.scheme.scale_method != "mse":
+        raise UserError(f"--imatrix weights a scale search; {job.recipe.scheme.name} takes absmax scales "
+                        "(use a GGUF scheme such as q4_k, or a -mse scheme)")
+    if m.imatrix_out:
+        if not job.calibrated:
+            raise UserError(f"--imatrix-out writes calibration statistics; {job.plan.name} collects none (use gptq or awq)")
+        check_output(m.imatrix_out, file=True)
+
+
+def _write_imatrix(job: QuantizeJob, model: nn.Module, bq: BlockQuantizer, targets: dict, calib) -> dict:
+    from lowbit.io.interop.imatrix import write_imatrix
+
+    missing = [n for n in targets if n not in bq.sqsums]
+    if missing:
+        raise UserError(f"--imatrix-out: no calibration statistics for {missing[0]} and {len(missing) - 1} more "
+                        "(a resumed run does not recompute finished blocks); rerun into a fresh --out")
+    n = write_imatrix(job.method.imatrix_out, model.config, {k: bq.sqsums[k] for k in targets},
+                      dataset=job.calibration.text, chunks=int(calib.shape[0]), chunk_size=int(calib.shape[1]))
+    return {"file": str(job.method.imatrix_out), "entries": n}
 
 
 class MemorySource:

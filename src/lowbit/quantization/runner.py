@@ -159,7 +159,8 @@ def linear_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class InputStats:
     """What calibration learns about one Linear's inputs: H = X^T X / n (when collected),
-    per-channel absmax and mean |x| (what SmoothQuant, AWQ and outlier splitting need).
+    per-channel absmax, mean |x| and sum x^2 (what SmoothQuant, AWQ, outlier splitting and
+    an imatrix need).
 
     Each batch's X^T X is computed in float32 and summed in float64, so the sum does not
     depend on the order the batches arrive in: processes that split the calibration
@@ -169,6 +170,7 @@ class InputStats:
         self.H = torch.zeros(cols, cols, dtype=torch.float64) if hessian else None
         self.amax = torch.zeros(cols)
         self.abssum = torch.zeros(cols, dtype=torch.float64)
+        self.sqsum = torch.zeros(cols, dtype=torch.float64)  # diag(X^T X): llama.cpp's imatrix
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -177,6 +179,7 @@ class InputStats:
         a = x.abs()
         self.amax = torch.maximum(self.amax, a.amax(0))
         self.abssum += a.sum(0, dtype=torch.float64)
+        self.sqsum += (a * a).sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 
     def reduce(self) -> None:
@@ -184,7 +187,7 @@ class InputStats:
         import torch.distributed as dist
 
         n = torch.tensor([self.n], dtype=torch.float64)
-        for t in (self.H, self.abssum, n):
+        for t in (self.H, self.abssum, self.sqsum, n):
             if t is not None:
                 dist.all_reduce(t)
         dist.all_reduce(self.amax, op=dist.ReduceOp.MAX)
@@ -206,6 +209,7 @@ class InputStats:
             self.H /= s[:, None] * s[None, :]
         self.amax /= s
         self.abssum /= s.double()
+        self.sqsum /= s.double() ** 2
 
 
 class StatsCollector:

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from lowbit.core.layer import QuantizedLayer
-from lowbit.core.scheme import GGUF_PRESETS, Scheme
-from lowbit.core.tensor import QuantizedTensor, pack_codes
+from lowbit.core.scheme import GGUF_PRESETS, fitting
+from lowbit.core.tensor import QuantizedTensor, pack_codes, quantize_tensor
 from lowbit.errors import UserError
 from lowbit.io.files import GGUF_WRITER_KEY, atomic_path, check_output
+from lowbit.io.interop.gguf_blocks import LAYOUT, NotExact, blocks_from_qtensor, qtensor_from_blocks, type_name_for
 
 BLOCK = 32
 
@@ -46,123 +47,8 @@ def _gguf():
     return gguf
 
 
-def _types():
-    T = _gguf().GGMLQuantizationType
-    return {T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4_1"}
-
-
-def _storage_key(s: Scheme) -> tuple:
-    """What a scheme stores (how its scales were chosen does not matter)."""
-    return (s.format, s.symmetric, s.granularity, s.group_size, s.scale_dtype, s.zero_domain, s.activations)
-
-
-def gguf_type_for(scheme: Scheme):
-    """The GGUF type that holds `scheme` bit for bit, or None."""
-    for qtype, name in _types().items():
-        if _storage_key(GGUF_PRESETS[name]) == _storage_key(scheme):
-            return qtype
-    return None
-
-
-# ---- one tensor ---------------------------------------------------------------
-
-def _k_types():
-    T = _gguf().GGMLQuantizationType
-    return {T.Q4_K: _q4_k, T.Q6_K: _q6_k}
-
-
-def importable(qtype) -> bool:
-    return qtype in _types() or qtype in _k_types()
-
-
-def _q4_k(b: np.ndarray, rows: int, cols: int) -> QuantizedTensor:
-    """Q4_K super-blocks [n, 144] -> int4-g32, float zero, fp32 scales."""
-    gguf = _gguf()
-    n = b.shape[0]
-    d = b[:, 0:2].view(np.float16).astype(np.float32)
-    dmin = b[:, 2:4].view(np.float16).astype(np.float32)
-    sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16])  # the package's own 6-bit unpacking
-    qs = b[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    codes = (qs & 0x0F).reshape(rows, cols)
-    scale = (d * sc.astype(np.float32)).reshape(rows, -1)
-    zero = -(dmin * m.astype(np.float32)).reshape(rows, -1)
-    scheme = Scheme(format="int4", symmetric=False, zero_domain="float", granularity="group", group_size=32,
-                    scale_dtype="float32", name="q4_k")
-    return QuantizedTensor(pack_codes(torch.from_numpy(codes.copy()), 4), torch.from_numpy(scale.copy()),
-                           torch.from_numpy(zero.copy()), (rows, cols), scheme)
-
-
-def _q6_k(b: np.ndarray, rows: int, cols: int) -> QuantizedTensor:
-    """Q6_K super-blocks [n, 210] -> symmetric int6-g16, fp32 scales (its code q is lowbit's v + 32)."""
-    n = b.shape[0]
-    ql, qh = b[:, :128], b[:, 128:192]
-    sc = b[:, 192:208].view(np.int8).astype(np.float32)
-    d = b[:, 208:210].view(np.float16).astype(np.float32)
-    ql = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
-    qh = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
-    codes = (ql.reshape(n, 8, 32) | (qh.reshape(n, 8, 32) << 4)).reshape(rows, cols)
-    scale = (d * sc).reshape(rows, -1)
-    scheme = Scheme(format="int6", granularity="group", group_size=16, scale_dtype="float32", name="q6_k")
-    return QuantizedTensor(pack_codes(torch.from_numpy(codes.copy()), 6), torch.from_numpy(scale.copy()), None,
-                           (rows, cols), scheme)
-
-
-def qtensor_from_blocks(raw: np.ndarray, qtype, shape: tuple[int, int]) -> QuantizedTensor:
-    """GGUF block bytes [rows, row_bytes] -> QuantizedTensor, without touching a value."""
-    rows, cols = shape
-    if qtype in _k_types():
-        if cols % 256:
-            raise UserError(f"GGUF K-quant tensor with {cols} columns is not made of 256-element super-blocks")
-        qt = _k_types()[qtype](np.array(raw, dtype=np.uint8).reshape(rows * cols // 256, -1), rows, cols)
-        qt.validate()
-        return qt
-    name = _types().get(qtype)
-    if name is None:
-        raise UserError(f"GGUF type {getattr(qtype, 'name', qtype)} has no exact lowbit scheme "
-                        "(Q8_0, Q4_0, Q4_1, and for reading Q4_K, Q6_K do)")
-    if cols % BLOCK:
-        raise UserError(f"GGUF tensor with {cols} columns is not made of {BLOCK}-element blocks")
-    nb = cols // BLOCK
-    b = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(rows, nb, -1)
-    d = b[..., 0:2].contiguous().view(torch.float16).reshape(rows, nb)
-    zero = None
-    if name == "q8_0":
-        codes = (b[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-    else:
-        qs = b[..., 4:] if name == "q4_1" else b[..., 2:]
-        codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-        if name == "q4_1":
-            zero = b[..., 2:4].contiguous().view(torch.float16).reshape(rows, nb)
-    scheme = GGUF_PRESETS[name]
-    qt = QuantizedTensor(pack_codes(codes.reshape(rows, cols), scheme.bits), d.contiguous(), zero, (rows, cols), scheme)
-    qt.validate()
-    return qt
-
-
-def blocks_from_qtensor(qt: QuantizedTensor) -> tuple[np.ndarray, object]:
-    """QuantizedTensor -> (GGUF block bytes [rows, row_bytes], type); exact or UserError."""
-    qtype = gguf_type_for(qt.scheme)
-    rows, cols = qt.shape if len(qt.shape) == 2 else (1, qt.shape[0])
-    if qtype is None or cols % BLOCK:
-        raise NotExact(f"{qt.scheme.name} on {tuple(qt.shape)} has no exact GGUF type "
-                       "(exact: q8_0, q4_0, q4_1 on rows divisible by 32)")
-    name = _types()[qtype]
-    nb = cols // BLOCK
-    codes = qt.unpacked_codes().reshape(rows, nb, BLOCK)
-    d = qt.scale.reshape(rows, nb, 1).contiguous().view(torch.uint8)
-    if name == "q8_0":
-        body = [d, (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)]
-    else:
-        nibbles = codes[..., :16] | (codes[..., 16:] << 4)
-        body = [d, nibbles]
-        if name == "q4_1":
-            body.insert(1, qt.zero_point.reshape(rows, nb, 1).contiguous().view(torch.uint8))
-    raw = torch.cat(body, dim=-1).reshape(rows, -1)
-    return raw.numpy(), qtype
-
-
-class NotExact(UserError):
-    pass
+def ggml_type(tname: str):
+    return _gguf().GGMLQuantizationType[tname]
 
 
 def _row_permutation(n_head: int, rows: int) -> torch.Tensor:
@@ -190,16 +76,16 @@ def _qk_heads(config, hf_name: str) -> int | None:
     return None
 
 
-def _arch(config) -> tuple[str, bool]:
+def gguf_arch(config) -> tuple[str, bool]:
     mt = getattr(config, "model_type", None)
     if mt not in ARCHES:
         raise UserError(f"GGUF export/import covers {', '.join(sorted(ARCHES))} models; this one is {mt!r}")
     return ARCHES[mt]
 
 
-def _name_map(config):
+def tensor_name_map(config):
     gguf = _gguf()
-    arch, _ = _arch(config)
+    arch, _ = gguf_arch(config)
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     return gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
 
@@ -218,8 +104,8 @@ def import_gguf(path: str | Path):
 
     path = Path(path)
     model, tok = _float_model(path)
-    _, permuted = _arch(model.config)
-    tmap = _name_map(model.config)
+    _, permuted = gguf_arch(model.config)
+    tmap = tensor_name_map(model.config)
     try:
         reader = _gguf().GGUFReader(path)
     except (ValueError, OSError) as e:
@@ -230,10 +116,10 @@ def import_gguf(path: str | Path):
         if not name or not is_linear(mod):
             continue
         t = by_name.get(tmap.get_name(name + ".weight", try_suffixes=(".weight",)) or "")
-        if t is None or not importable(t.tensor_type):
+        if t is None or t.tensor_type.name not in LAYOUT:
             continue
         rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF lists dimensions innermost first
-        qt = qtensor_from_blocks(t.data, t.tensor_type, (rows, cols))
+        qt = qtensor_from_blocks(t.data, t.tensor_type.name, (rows, cols))
         heads = _qk_heads(model.config, name) if permuted else None
         if heads:
             qt = _permute_rows(qt, torch.argsort(_row_permutation(heads, rows)))
@@ -274,26 +160,25 @@ def _float_array(t: torch.Tensor, ftype: str, what: str):
 
 
 def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, source_gguf: str | Path | None = None,
-                requantize: str | None = None, embed_type: str = "q8_0", name: str = "lowbit") -> dict:
+                requantize: str | None = None, embed_type: str = "q8_0", float_type: str = "f16",
+                name: str = "lowbit") -> dict:
     """Write `model` (QuantLinears + float parts) as a GGUF file llama.cpp and transformers load.
 
     Tokenizer and general metadata are copied from `source_gguf` when the model came
     from one (bit-identical vocabulary); otherwise the tokenizer directory is converted
-    with gguf's own BpeVocab/SpecialVocab. Returns a report: per tensor type counts,
+    with gguf's own BpeVocab/SpecialVocab. Float matrices are written as `float_type`
+    (f16, or f32 for a reference llama.cpp can compare against). Returns a report: per tensor type counts,
     and for re-quantized tensors their relative error.
     """
     gguf = _gguf()
     from lowbit.runtime.qlinear import quantized_modules
 
     config = model.config
-    arch, permuted = _arch(config)
-    tmap = _name_map(config)
+    arch, permuted = gguf_arch(config)
+    tmap = tensor_name_map(config)
     qmods = quantized_modules(model)
-    rq_type = None
-    if requantize is not None:
-        rq_type = {v: k for k, v in _types().items()}.get(requantize.lower())
-        if rq_type is None:
-            raise UserError(f"--requantize {requantize!r}: choose q8_0, q4_0 or q4_1")
+    if requantize is not None and requantize.lower() not in GGUF_PRESETS:
+        raise UserError(f"--requantize {requantize!r}: choose one of {', '.join(GGUF_PRESETS)}")
 
     tensors, report = [], {"types": {}, "requantized": {}}
     for pname, p in model.state_dict().items():
@@ -307,7 +192,7 @@ def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, sou
             if "rotary_emb" in pname:
                 continue
             raise UserError(f"{pname}: no GGUF name for this tensor in the {arch} layout")
-        ftype = embed_type if "embed" in pname or pname == "lm_head.weight" else ("f32" if p.dim() == 1 else "f16")
+        ftype = embed_type if "embed" in pname or pname == "lm_head.weight" else ("f32" if p.dim() == 1 else float_type)
         arr, raw = _float_array(p, ftype, pname)
         if raw is None and p.dim() == 2 and _qk_heads(config, mod_name) and permuted:
             arr = arr[_row_permutation(_qk_heads(config, mod_name), arr.shape[0]).numpy()]
@@ -321,15 +206,16 @@ def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, sou
         if gname is None:
             raise UserError(f"{mod_name}: no GGUF name for this module in the {arch} layout")
         try:
-            arr, raw = blocks_from_qtensor(qt)
+            arr, tname = blocks_from_qtensor(qt)
         except NotExact as e:
-            if rq_type is None:
-                raise UserError(f"{mod_name}: {e}; quantize with --scheme q4_1/q4_0/q8_0, "
+            if requantize is None:
+                raise UserError(f"{mod_name}: {e}; quantize with a GGUF scheme (--scheme q4_k, q4_0, ...), "
                                 "or pass --requantize TYPE to re-round (the error is reported)") from None
-            w = qt.dequantize().numpy()
-            arr, raw = gguf.quants.quantize(w, rq_type), rq_type
-            back = gguf.quants.dequantize(arr, rq_type)
-            report["requantized"][mod_name] = float(np.linalg.norm(back - w) / max(np.linalg.norm(w), 1e-30))
+            w = qt.dequantize()
+            rq = quantize_tensor(w, fitting(GGUF_PRESETS[requantize.lower()], w.shape[-1]), name=mod_name)
+            arr, tname = blocks_from_qtensor(rq)
+            report["requantized"][mod_name] = float(torch.linalg.norm(rq.dequantize() - w) / torch.linalg.norm(w).clamp(min=1e-30))
+        raw = ggml_type(tname)
         tensors.append((gname, arr, raw))
         if m.bias is not None:
             tensors.append((gname.removesuffix(".weight") + ".bias", m.bias.detach().float().numpy(), None))
@@ -366,11 +252,10 @@ def _write_metadata(w, config, tokenizer_dir, source_gguf, name, qmods) -> None:
     w.add_rope_freq_base(float(theta))
     w.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
     w.add_vocab_size(config.vocab_size)
-    kinds = {gguf_type_for(m.scheme) for m in qmods.values()}
-    ftypes = {"q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    if len(kinds) == 1 and None not in kinds:
-        w.add_file_type(ftypes[_types()[kinds.pop()]])
+    kinds = {type_name_for(m.scheme) for m in qmods.values()}
+    ftype = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(*kinds, *kinds) if len(kinds) == 1 else None
+    if ftype is not None and f"MOSTLY_{ftype}" in gguf.LlamaFileType.__members__:  # a label only: each tensor has its type
+        w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{ftype}"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if source_gguf is not None:
         reader = gguf.GGUFReader(source_gguf)

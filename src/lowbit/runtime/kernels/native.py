@@ -66,16 +66,12 @@ def _build_lock(build: Path):
     """An flock around torch's build. torch's own lock is a plain file that a killed build
     leaves behind, and every later load then waits on it forever; the kernel drops an flock
     with its holder, so while we hold ours a `lock` file left in `build` is stale."""
-    import fcntl
+    from lowbit.io.files import wait_lock
 
     build.mkdir(parents=True, exist_ok=True)
-    fd = os.open(build.parent / f".{build.name}.lowbit-build-lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with wait_lock(build.parent / f".{build.name}.lowbit-build-lock"):
         (build / "lock").unlink(missing_ok=True)  # stale: no lowbit build holds our lock
         yield
-    finally:
-        os.close(fd)
 
 
 def available() -> bool:

@@ -1,0 +1,152 @@
+"""GGUF types as lowbit schemes: their grids, two-level scales, GPTQ on them, llama.cpp's
+fallbacks, imatrix files and type mixes by measurement (no llama.cpp needed here;
+tests/test_llamacpp.py has llama.cpp read the files)."""
+import numpy as np
+import pytest
+import torch
+
+from lowbit.algorithms.gptq import gptq
+from lowbit.core.qparams import fake_quantize
+from lowbit.core.scheme import GGUF_PRESETS, Scheme, fitting
+from lowbit.core.tensor import quantize_tensor
+from lowbit.errors import UserError
+
+
+def _correlated_inputs(n=2048, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = torch.randn(n, cols, generator=g) @ mix
+    x[:, :8] *= 6  # a few loud channels, as in LLM activations
+    return x
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q3_k", "iq4_xs", "q6_k", "q4_0", "iq4_nl", "q5_1"])
+def test_gptq_on_each_gguf_grid_beats_rtn_on_the_output(name):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 512, generator=g) * torch.linspace(0.2, 1.5, 512)
+    x = _correlated_inputs()
+    H = x.t() @ x / x.shape[0]
+    s = GGUF_PRESETS[name]
+    rtn = quantize_tensor(w, s)
+    q = gptq(w, H, s)
+    assert q.scheme == s and q.scale.shape == rtn.scale.shape
+    err = lambda qt: float(((x @ (qt.dequantize() - w).t()) ** 2).mean())  # noqa: E731
+    assert err(q) < 0.9 * err(rtn), (err(q), err(rtn))
+
+
+def test_two_level_scales_are_small_integers_times_one_fp16_per_super_block():
+    from lowbit.io.interop.gguf_blocks import _factor
+
+    w = torch.randn(4, 512) * 3
+    for name, lo, hi in [("q4_k", 1, 63), ("q6_k", -128, 127), ("q3_k", -32, 31), ("iq4_xs", -32, 31), ("q2_k", 1, 15)]:
+        s = quantize_tensor(w, name).scales().reshape(8, -1)  # two super-blocks of 256 per row
+        d, q = _factor(s.numpy(), hi, lo)  # raises unless each is fp16 d x integers in [lo, hi]
+        assert np.all(d > 0) and np.all(q != 0) and np.all((q >= lo) & (q <= hi)), name
+
+
+def test_k_quant_rows_256_does_not_divide_fall_back_like_llama_quantize(embedded):
+    from lowbit.api import make_recipe
+    from lowbit.quantization.job import target_modules
+
+    model, _ = embedded  # hidden 576 (not a multiple of 256), intermediate 1536 (a multiple)
+    t = target_modules(model, make_recipe("q4_k", "rtn"))
+    assert t["model.layers.0.self_attn.q_proj"].name == "q5_0"
+    assert t["model.layers.0.mlp.gate_proj"].name == "q5_0"
+    assert t["model.layers.0.mlp.down_proj"].name == "q4_k"
+    assert {fitting(GGUF_PRESETS[k], 576).name for k in ("q6_k", "q5_k", "q3_k", "q2_k", "iq4_xs")} == \
+        {"q8_0", "q5_1", "q4_0", "iq4_nl"}
+
+
+def test_planner_counts_gguf_bits_per_weight_as_llama_cpp_stores_them():
+    from lowbit.plan.planner import linear_bytes
+
+    for name, bpw in [("q4_k", 4.5), ("q6_k", 6.5625), ("q3_k", 3.4375), ("q2_k", 2.625), ("iq4_xs", 4.25),
+                      ("q4_0", 4.5), ("q4_1", 5.0), ("q5_0", 5.5), ("q8_0", 8.5), ("iq4_nl", 4.5)]:
+        c, s, _ = linear_bytes(4096, 4096, GGUF_PRESETS[name], 2)
+        assert 8 * (c + s) / 4096**2 == bpw, name
+        qt = quantize_tensor(torch.randn(8, 4096), name)
+        assert 8 * qt.nbytes / qt.numel == bpw, name
+
+
+def test_signed_range_search_uses_the_whole_int4_grid():
+    """The value of largest magnitude may land on -8 (llama.cpp's Q4_0 rule) or the grid may
+    flip: with -8..7 both reachable, no group ends up using only 15 levels by construction."""
+    x = torch.randn(512, 32)
+    qt = quantize_tensor(x, "q4_0")
+    codes = qt.unpacked_codes()
+    assert (codes == 0).any(dim=1).float().mean() > 0.5  # code 0 is v = -8
+    assert (qt.scales() < 0).any() and (qt.scales() > 0).any()
+    plain = quantize_tensor(x, GGUF_PRESETS["q4_0"].with_(scale_method="absmax"))
+    assert torch.linalg.norm(qt.dequantize() - x) < 0.93 * torch.linalg.norm(plain.dequantize() - x)
+
+
+def test_iq4_nl_grid_is_llama_cpps_table():
+    s = Scheme.parse("iq4_nl")
+    assert s.number_format.grid().tolist() == [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+    x = torch.randn(64, 64)
+    assert torch.linalg.norm(fake_quantize(x, s) - x) < 0.12 * torch.linalg.norm(x)
+
+
+# ---- imatrix files -------------------------------------------------------------------------
+
+def test_imatrix_round_trip_and_weighted_rtn(embedded, tmp_path):
+    from lowbit.io.interop.imatrix import read_imatrix, write_imatrix
+
+    model, _ = embedded
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    cols = {n: model.get_submodule(n).in_features for n in names}
+    sums = {n: (torch.rand(c, dtype=torch.float64) * 100, 512) for n, c in cols.items()}
+    path = tmp_path / "m.imatrix.gguf"
+    assert write_imatrix(path, model.config, sums, dataset="wiki", chunks=4, chunk_size=128) == 2
+    back = read_imatrix(path, model.config, cols)
+    for n in names:
+        assert torch.allclose(back[n].double(), sums[n][0] / 512, rtol=1e-6)
+    with pytest.raises(UserError, match="input channels"):
+        read_imatrix(path, model.config, {names[0]: 7})
+    from lowbit.models.load import embedded_gguf
+    with pytest.raises(UserError, match="not an importance matrix"):
+        read_imatrix(embedded_gguf("smollm2-135m"), model.config, cols)
+
+
+def test_quantize_with_imatrix_weights_the_scale_search(embedded, tmp_path):
+    """RTN with an importance matrix lowers the importance-weighted weight error (what it optimises)."""
+    import copy
+
+    from lowbit.api import make_recipe, quantize
+    from lowbit.io.interop.imatrix import write_imatrix
+    from lowbit.quantization.job import MethodOptions
+    from lowbit.runtime.qlinear import quantized_modules
+
+    model = copy.deepcopy(embedded[0])
+    name = "model.layers.0.mlp.down_proj"
+    # the embedded weights are Q4_1 already: any 4-bit g32 affine grid holds them almost exactly
+    w = torch.randn_like(model.get_submodule(name).weight) * 0.02
+    model.get_submodule(name).weight.data.copy_(w)
+    imp = torch.rand(w.shape[1], dtype=torch.float64) ** 4 * 50  # a few channels matter far more
+    path = tmp_path / "imp.gguf"
+    write_imatrix(path, model.config, {name: (imp, 1)}, dataset="synthetic", chunks=1, chunk_size=1)
+    recipe = make_recipe("q4_k", "rtn", include=["model.layers.0.mlp.down_proj"])
+    plain = quantized_modules(quantize(copy.deepcopy(model), recipe=recipe, progress=False).model)[name]
+    res = quantize(copy.deepcopy(model), recipe=recipe, progress=False, method_options=MethodOptions(imatrix=str(path)))
+    weighted = quantized_modules(res.model)[name]
+    assert res.info["imatrix"]["entries"] == 1
+    e = lambda m: float((((m.qweight.dequantize() - w) ** 2) * imp.float()).sum())  # noqa: E731
+    assert e(weighted) < 0.97 * e(plain)
+    with pytest.raises(UserError, match="calibrates its own"):
+        quantize(copy.deepcopy(model), recipe=make_recipe("q4_k", "gptq"), progress=False,
+                 method_options=MethodOptions(imatrix=str(path)))
+
+
+# ---- type mixes by measurement --------------------------------------------------------------
+
+def test_allocation_over_gguf_types_counts_their_real_bits():
+    from lowbit.algorithms.mixed import allocate, width
+
+    assert width("q4_k", 1536) == 4.5 and width("q4_k", 576) == 5.5  # a 576-wide row gets Q5_0
+    costs = {"a": {"q4_k": 1.0, "q6_k": 0.1}, "b": {"q4_k": 0.5, "q6_k": 0.45}}
+    sizes = {"a": 1000, "b": 1000}
+    widths = {n: {c: width(c, 1536) for c in ("q4_k", "q6_k")} for n in sizes}
+    assert allocate(costs, sizes, 5.6, widths) == {"a": "q6_k", "b": "q4_k"}
+    assert allocate(costs, sizes, 4.5, widths) == {"a": "q4_k", "b": "q4_k"}
+    with pytest.raises(UserError, match="below the smallest"):
+        allocate(costs, sizes, 4.0, widths)
