@@ -7,7 +7,7 @@ GPTQ on the type's exact grid, exported to GGUF). Each file is scored by
 `llama-perplexity --kl-divergence` against llama.cpp's F32 run of the float model on
 held-out text: KLD, same top token, perplexity, and the file's size.
 
-    python benchmarks/gguf.py --types q4_0,q4_k,iq4_nl --method gptq --json-out results/gguf.json
+    python benchmarks/gguf.py --types q4_0,q4_k,iq4_nl --methods rtn,rtn+imatrix,gptq --json-out results/gguf.json
 
 Needs llama.cpp's tools (python -m lowbit.io.interop.llamacpp builds them, ~8 minutes).
 """
@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+# this file's own folder would shadow the `gguf` package with this script: put src/ in its place
+sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 from lowbit.api import quantize  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402
@@ -31,6 +32,7 @@ from lowbit.io.interop.gguf_io import export_gguf  # noqa: E402
 from lowbit.io.text import calibration_windows, load_text, split_text, tokenize  # noqa: E402
 from lowbit.models import load_float  # noqa: E402
 from lowbit.models.load import embedded_gguf  # noqa: E402
+from lowbit.quantization.job import MethodOptions  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -47,7 +49,8 @@ def kld(model: Path, base: Path, text: Path, ctx: int, chunks: int, threads: int
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", default="q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,iq4_nl,iq4_xs,q3_k,q2_k")
-    ap.add_argument("--method", default="gptq", help="lowbit's method: rtn or gptq")
+    ap.add_argument("--methods", default="rtn,rtn+imatrix,gptq",
+                    help="lowbit's methods: rtn, rtn+imatrix (llama-imatrix's own file), gptq")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=64, help="held-out chunks of --seq-len tokens")
@@ -57,7 +60,7 @@ def main():
     llamacpp.build()
     model, tok = load_float(MODEL)
     calib, heldout = split_text(load_text("wiki"))
-    res = {"host": host_info(), "model": MODEL, "method": a.method, "samples": a.samples, "seq_len": a.seq_len,
+    res = {"host": host_info(), "model": MODEL, "methods": a.methods.split(","), "samples": a.samples, "seq_len": a.seq_len,
            "chunks": a.chunks, "llama_cpp": llamacpp.SDIST, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -81,13 +84,16 @@ def main():
                              "q8_0", *extra, f32, out, t.upper(), a.threads)
                 row[label] = kld(out, base, text, a.seq_len, a.chunks, a.threads)
                 out.unlink()
-            t0 = time.perf_counter()
-            q = quantize(MODEL, scheme=t, method=a.method, samples=a.samples, seq_len=a.seq_len, progress=False)
-            secs = time.perf_counter() - t0
-            out = tmp / f"{t}-lowbit.gguf"
-            export_gguf(q.model, None, out, source_gguf=embedded_gguf(MODEL))
-            row[f"lowbit {a.method}"] = {**kld(out, base, text, a.seq_len, a.chunks, a.threads), "seconds": round(secs, 1)}
-            out.unlink()
+            for m in a.methods.split(","):
+                t0 = time.perf_counter()
+                mopts = MethodOptions(imatrix=str(imatrix)) if m.endswith("+imatrix") else None
+                q = quantize(MODEL, scheme=t, method=m.removesuffix("+imatrix"), samples=a.samples, seq_len=a.seq_len,
+                             method_options=mopts, progress=False)
+                secs = time.perf_counter() - t0
+                out = tmp / f"{t}-lowbit.gguf"
+                export_gguf(q.model, None, out, source_gguf=embedded_gguf(MODEL))
+                row[f"lowbit {m}"] = {**kld(out, base, text, a.seq_len, a.chunks, a.threads), "seconds": round(secs, 1)}
+                out.unlink()
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
     print(table(res))
@@ -96,13 +102,14 @@ def main():
 
 
 def table(res: dict) -> str:
-    cols = ["llama-quantize", "llama-quantize+imatrix", f"lowbit {res['method']}"]
+    cols = ["llama-quantize", "llama-quantize+imatrix", *(f"lowbit {m}" for m in res["methods"])]
     lines = [f"{res['model']}, llama.cpp's KLD vs its F32 run ({res['chunks']} x {res['seq_len']} held-out tokens); "
              f"calibration {res['samples']} x {res['seq_len']}; host: {res['host']['cpu']}",
              "| type | " + " | ".join(f"{c} KLD (same top)" for c in cols) + " | MiB |", "|---" * (len(cols) + 2) + "|"]
     for r in res["rows"]:
         cells = [f"{r[c]['kld']:.4f} ({r[c]['same_top']:.1f}%)" for c in cols]
-        lines.append(f"| {r['type'].upper()} | " + " | ".join(cells) + f" | {r[cols[-1]]['bytes'] / 2**20:.1f} |")
+        sizes = sorted({r[c]["bytes"] for c in cols})
+        lines.append(f"| {r['type'].upper()} | " + " | ".join(cells) + f" | {' / '.join(f'{b / 2**20:.1f}' for b in sizes)} |")
     return "\n".join(lines)
 
 

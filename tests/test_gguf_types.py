@@ -41,7 +41,7 @@ def test_two_level_scales_are_small_integers_times_one_fp16_per_super_block():
     for name, lo, hi in [("q4_k", 1, 63), ("q6_k", -128, 127), ("q3_k", -32, 31), ("iq4_xs", -32, 31), ("q2_k", 1, 15)]:
         s = quantize_tensor(w, name).scales().reshape(8, -1)  # two super-blocks of 256 per row
         d, q = _factor(s.numpy(), hi, lo)  # raises unless each is fp16 d x integers in [lo, hi]
-        assert np.all(d > 0) and np.all(q != 0) and np.all((q >= lo) & (q <= hi)), name
+        assert np.all(d != 0) and np.all(q != 0) and np.all((q >= lo) & (q <= hi)), name
 
 
 def test_k_quant_rows_256_does_not_divide_fall_back_like_llama_quantize(embedded):
@@ -65,7 +65,7 @@ def test_planner_counts_gguf_bits_per_weight_as_llama_cpp_stores_them():
         c, s, _ = linear_bytes(4096, 4096, GGUF_PRESETS[name], 2)
         assert 8 * (c + s) / 4096**2 == bpw, name
         qt = quantize_tensor(torch.randn(8, 4096), name)
-        assert 8 * qt.nbytes / qt.numel == bpw, name
+        assert 8 * qt.format_nbytes / qt.numel == bpw, name
 
 
 def test_signed_range_search_uses_the_whole_int4_grid():

@@ -67,7 +67,7 @@ def test_lowbit_quantized_gguf_schemes_decode_the_same_in_gguf(name):
     qt = quantize_tensor(x, name)
     raw, tname = blocks_from_qtensor(qt)
     _, qk, nbytes = LAYOUT[tname]
-    assert raw.shape == (16, 512 // qk * nbytes) and qt.nbytes == raw.size  # nbytes counts what GGUF stores
+    assert raw.shape == (16, 512 // qk * nbytes) and qt.format_nbytes == raw.size  # what GGUF stores
     assert np.array_equal(gguf.quants.dequantize(raw, T[tname]), qt.dequantize().numpy())
     again = qtensor_from_blocks(raw, tname, (16, 512))
     assert again.scheme == qt.scheme and torch.equal(again.dequantize(), qt.dequantize())

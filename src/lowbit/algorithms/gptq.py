@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.core.qparams import choose_qparams, fake_quant_grouped
+from lowbit.core.qparams import choose_qparams, fake_quant
 from lowbit.core.scheme import Scheme
 from lowbit.core.tensor import QuantizedTensor, check_finite, quantize_tensor
 
@@ -50,17 +50,8 @@ def _column_groups(scheme: Scheme, cols: int) -> list[range]:
 
 def _column_quantizer(scheme: Scheme, scale: torch.Tensor, zero: torch.Tensor | None, rows: int):
     """w [rows] -> its quantize-dequantize on the grid, given per-row scale/zero [rows, 1]."""
-    fmt = scheme.number_format
-    if fmt.kind == "int":  # plain float math: the same numbers as encode/decode, fewer ops
-        qmin, qmax = fmt.int_range(scheme.symmetric)
-        s = scale.reshape(rows)
-        if zero is None:
-            return lambda w: torch.clamp(torch.round(w / s), qmin, qmax) * s
-        z = zero.reshape(rows)
-        if scheme.float_zero:
-            return lambda w: torch.clamp(torch.round((w - z) / s), qmin, qmax) * s + z
-        return lambda w: (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
-    return lambda w: fake_quant_grouped(w.view(rows, 1, 1), scale, zero, scheme).view(rows)
+    s, z = scale.reshape(rows), None if zero is None else zero.reshape(rows)
+    return lambda w: fake_quant(w, s, z, scheme)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, blocksize: int = 128,

@@ -7,6 +7,7 @@ which round to nearest even and are the same numerics a kernel has).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,18 @@ class NumberFormat:
             return q
         return value_table(self.name)[codes.long()]
 
+    def nearest(self, y: torch.Tensor) -> torch.Tensor:
+        """Scaled values -> the grid values they encode to (encode then decode, for float grids)."""
+        if self.name in _FP8:
+            dtype, top = _FP8[self.name]
+            return y.clamp(-top, top).to(dtype).to(torch.float32)
+        lut = _integer_lut(self.name)
+        if lut is None:
+            return self.decode(self.encode(y))
+        lo, codes = lut
+        values = value_table(self.name)[codes.long()]
+        return values[torch.ceil(2 * y.to(torch.float32).nan_to_num(0.0).clamp(values[0].item(), values[-1].item())).long() - lo]
+
     def grid_range(self, symmetric: bool = True) -> tuple[float, float]:
         """(most negative, most positive) grid value: -8, 7 for int4; -127, 113 for IQ4_NL."""
         g = self.grid(symmetric)
@@ -95,11 +108,28 @@ def _fp8_encoder(dtype: torch.dtype, max_value: float):
 def _table_encoder(name: str):
     def encode(y: torch.Tensor) -> torch.Tensor:
         levels, codes = _sorted_levels(name)
+        lut = _integer_lut(name)
+        if lut is not None:  # integer levels: every midpoint is a multiple of 1/2, so a 1/2-wide LUT is exact
+            lo, table = lut
+            y = y.to(torch.float32).nan_to_num(0.0).clamp(levels[0].item(), levels[-1].item())
+            return table[torch.ceil(2 * y).long() - lo]
         mids = (levels[1:] + levels[:-1]) / 2
         idx = torch.bucketize(y.to(torch.float32).contiguous(), mids)
         return codes[idx]
 
     return encode
+
+
+@functools.cache
+def _integer_lut(name: str):
+    """(offset, codes) with codes[ceil(2y) - offset] the nearest level to y, ties to the lower
+    one as bucketize gives them; None unless the levels are integers (IQ4_NL)."""
+    levels, codes = _sorted_levels(name)
+    if not torch.equal(levels, levels.round()):
+        return None
+    lo, hi = int(levels[0]) * 2, int(levels[-1]) * 2
+    tops = torch.arange(lo, hi + 1, dtype=torch.float32) / 2  # each half-wide bin's inclusive top
+    return lo, codes[torch.bucketize(tops, (levels[1:] + levels[:-1]) / 2)]
 
 
 _TABLE_CACHE: dict[str, torch.Tensor] = {}
@@ -125,6 +155,7 @@ def value_table(name: str) -> torch.Tensor:
     return _TABLE_CACHE[name]
 
 
+@functools.cache
 def _sorted_levels(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     t = value_table(name)
     finite = torch.isfinite(t)
@@ -137,9 +168,10 @@ def _sorted_levels(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return values[keep], codes[keep].to(torch.uint8)
 
 
+_FP8 = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8_e5m2": (torch.float8_e5m2, 57344.0)}
 _FLOAT_ENCODERS = {
-    "fp8_e4m3": _fp8_encoder(torch.float8_e4m3fn, 448.0),
-    "fp8_e5m2": _fp8_encoder(torch.float8_e5m2, 57344.0),
+    "fp8_e4m3": _fp8_encoder(*_FP8["fp8_e4m3"]),
+    "fp8_e5m2": _fp8_encoder(*_FP8["fp8_e5m2"]),
     "fp4_e2m1": _table_encoder("fp4_e2m1"),
     "nf4": _table_encoder("nf4"),
     "iq4nl": _table_encoder("iq4nl"),

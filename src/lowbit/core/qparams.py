@@ -104,9 +104,22 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
 
 def fake_quant_grouped(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
     """Quantize-dequantize a grouped view with given per-group scales."""
-    s = scale.unsqueeze(-1)
-    z = zero.unsqueeze(-1) if zero is not None else None
-    return dequantize_grouped(encode_grouped(xg, s, z, scheme), s, z, scheme)
+    return fake_quant(xg, scale.unsqueeze(-1), zero.unsqueeze(-1) if zero is not None else None, scheme)
+
+
+def fake_quant(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Quantize-dequantize with broadcastable scale / zero point. Integer grids take plain
+    float math: the same numbers as encode then decode, without the uint8 round trip
+    (the scale searches run this hundreds of times per tensor)."""
+    fmt = scheme.number_format
+    if fmt.kind != "int":  # symmetric value grids
+        return fmt.nearest(x / s) * s
+    qmin, qmax = fmt.int_range(scheme.symmetric)
+    if z is None:
+        return torch.clamp(torch.round(x / s), qmin, qmax) * s
+    if scheme.float_zero:
+        return torch.clamp(torch.round((x - z) / s), qmin, qmax) * s + z
+    return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
 
 
 def encode_grouped(xg: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
@@ -180,9 +193,11 @@ def signed_range(scheme: Scheme) -> bool:
 
 
 def _candidates(lo: torch.Tensor, hi: torch.Tensor, p: float, scheme: Scheme):
-    """(scale, zero) candidates for the clip range p*[lo, hi]."""
-    yield qparams_from_range(lo * p, hi * p, scheme)
-    if signed_range(scheme):
+    """(scale, zero) candidates for the clip range p*[lo, hi]: on a signed-range grid the whole
+    grid either way round (absmax / 7 on int4 is coarser than both), else the range itself."""
+    if not signed_range(scheme):
+        yield qparams_from_range(lo * p, hi * p, scheme)
+    else:
         gmin, gmax = scheme.number_format.grid_range()
         pos = torch.maximum(hi / gmax, lo / gmin) * p  # the whole grid, either way round
         neg = torch.maximum(-lo / gmax, hi / -gmin) * p

@@ -108,15 +108,20 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually stored: packed codes + scales + packed zero points. Two-level
-        (K-quant) scales count as the format stores them: `scale_bits` per group (twice
-        with a zero) and one fp16 factor (two with a zero) per super-block."""
-        if self.scheme.super_block:
-            return packed_nbytes(self.numel, self.scheme.bits) + scale_nbytes(self.scheme, *self.scale_shape, self.shape[-1])
+        """Bytes actually stored: packed codes + scales + packed zero points."""
         n = self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
         if self.zero_point is not None:
             n += self.zero_point.numel() * self.zero_point.element_size()
         return n
+
+    @property
+    def format_nbytes(self) -> int:
+        """Bytes in the scheme's own format: `nbytes`, except for two-level (K-quant) scales,
+        which lowbit keeps as exact fp32 products and GGUF as `scale_bits` integers per
+        group plus one fp16 factor per super-block."""
+        if not self.scheme.super_block:
+            return self.nbytes
+        return packed_nbytes(self.numel, self.scheme.bits) + scale_nbytes(self.scheme, *self.scale_shape, self.shape[-1])
 
     @property
     def bits_per_weight(self) -> float:

@@ -250,7 +250,8 @@ def read_model(source: str) -> tuple[Arch, Recipe | None]:
 # ---- bytes ------------------------------------------------------------------------------------
 
 def linear_bytes(out_f: int, in_f: int, scheme: Scheme | None, float_bytes: int) -> tuple[int, int, int]:
-    """(code bytes, scale + zero-point bytes, float bytes) of one Linear as lowbit stores it."""
+    """(code bytes, scale + zero-point bytes, float bytes) of one Linear as its format stores it
+    (a K-quant as GGUF stores it; lowbit's own directory keeps its scales as fp32 products)."""
     if scheme is None:
         return 0, 0, out_f * in_f * float_bytes
     scheme = fitting(scheme, in_f)  # a K-quant on a row 256 does not divide: llama-quantize's fallback

@@ -88,20 +88,23 @@ def _unbits_le(b: np.ndarray) -> np.ndarray:
 def _factor(v: np.ndarray, top: int, lo: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact fp32 products v [n, k] = d * q (d fp16 per row, q integers in [lo, top]) -> (d, q).
 
-    The largest |v| of a row is d times one of 1..max(top, -lo), so d is one of those
-    quotients; the smallest d that makes every entry an exact in-range multiple wins."""
+    The largest |v| of a row is |d| times one of 1..max(top, -lo), so d is one of those
+    quotients (either sign on a signed range: llama.cpp maps the largest scale to -128 or
+    -32 with a negative d); the smallest |d| that makes every entry an exact in-range
+    multiple wins."""
     n = v.shape[0]
     d = np.zeros(n, np.float32)
     q = np.zeros_like(v, dtype=np.int32)
     done = np.all(v == 0, axis=1)
     vmax = np.abs(v).max(axis=1)
     for k in range(max(top, -lo), 0, -1):
-        cand = (vmax / k).astype(np.float16).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            qc = np.rint(v / cand[:, None])
-        ok = ~done & (cand > 0) & np.all((qc >= lo) & (qc <= top) & (qc * cand[:, None] == v), axis=1)
-        d[ok], q[ok] = cand[ok], qc[ok].astype(np.int32)
-        done |= ok
+        for sign in (1, -1) if lo < 0 else (1,):
+            cand = (sign * vmax / k).astype(np.float16).astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                qc = np.rint(v / cand[:, None])
+            ok = ~done & (cand != 0) & np.all((qc >= lo) & (qc <= top) & (qc * cand[:, None] == v), axis=1)
+            d[ok], q[ok] = cand[ok], qc[ok].astype(np.int32)
+            done |= ok
     if not done.all():
         raise NotExact(f"scales are not fp16 x {lo}..{top} products (not made by a K-quant scheme)")
     return d, q

@@ -73,7 +73,9 @@ def read_imatrix(path: str | Path, config, modules) -> dict[str, torch.Tensor]:
     kind = reader.fields.get("general.type")
     if kind is None or kind.contents() != "imatrix":
         raise UserError(f"{path}: a GGUF file, but not an importance matrix (general.type is not 'imatrix')")
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    # GGUF lists dimensions innermost first: in_sum2 is [channels, matrices], counts [1, matrices]
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(int(np.prod(t.shape[1:])), int(t.shape[0]))
+               for t in reader.tensors}
     out = {}
     for g, hf in _names(config, modules).items():
         s, n = tensors.get(f"{g}.in_sum2"), tensors.get(f"{g}.counts")
