@@ -156,7 +156,9 @@ def main():
     a = ap.parse_args()
     d = Path(a.dir)
     ck = write_checkpoint(a.shape, d)
-    res = {"shape": a.shape, "config": SHAPES[a.shape], "scheme": a.scheme, "checkpoint": ck,
+    from lowbit.evaluate.host import host_info
+
+    res = {"host": host_info(), "shape": a.shape, "config": SHAPES[a.shape], "scheme": a.scheme, "checkpoint": ck,
            "checkpoint_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
            "threads": torch.get_num_threads(), "calibration": {"samples": a.samples, "seq_len": a.seq_len}, "runs": {}}
     for method in a.methods.split(","):

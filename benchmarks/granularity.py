@@ -15,6 +15,7 @@ import sys
 import torch
 
 from lowbit import quantize_tensor
+from lowbit.evaluate.host import host_info
 
 
 def run(seed: int = 0) -> dict:
@@ -42,7 +43,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json-out", help="also write the JSON here")
     args = ap.parse_args()
-    res = run()
+    res = {"host": host_info(), **run()}
     print(f"{'scheme':18s} {'rel.err':>8s} {'bytes':>8s} {'bits/w':>7s} {'vs fp16':>8s}", file=sys.stderr)
     for r in res["rows"]:
         print(f"{r['scheme']:18s} {r['rel_error']:8.4f} {r['bytes']:8d} {r['bits_per_weight']:7.3f} {r['memory_vs_fp16']:8.3f}", file=sys.stderr)

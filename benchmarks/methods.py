@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from lowbit.algorithms.qat import QATOptions  # noqa: E402
 from lowbit.evaluate.compare import compare, format_quality_table  # noqa: E402
+from lowbit.evaluate.host import host_info  # noqa: E402
 from lowbit.quantization.job import MethodOptions  # noqa: E402
 
 W = "-g64-asym"
@@ -92,6 +93,7 @@ def main():
     res = compare("smollm2-135m", variants, samples=args.samples, seq_len=args.seq_len,
                   max_windows=args.max_windows, progress=not args.quiet,
                   method_options=MethodOptions(qat=QATOptions(steps=args.qat_steps, seq_len=128)))
+    res["host"] = host_info()
     if not args.no_kv:
         res["kv_cache"] = kv_table("smollm2-135m", min(args.max_windows, 16), args.seq_len)
     res["total_seconds"] = time.time() - t0

@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from lowbit.evaluate.compare import compare, format_quality_table  # noqa: E402
+from lowbit.evaluate.host import host_info  # noqa: E402
 
 DEFAULT = ",".join(
     f"{m}:{s}"
@@ -35,6 +36,7 @@ def main():
     variants = [tuple(v.split(":", 1)) for v in args.variants.split(",") if v]
     res = compare("smollm2-135m", variants, samples=args.samples, seq_len=args.seq_len,
                   max_windows=args.max_windows, progress=not args.quiet)
+    res["host"] = host_info()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

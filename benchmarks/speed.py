@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import torch  # noqa: E402
 
 from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants  # noqa: E402
+from lowbit.evaluate.host import host_info  # noqa: E402
 from lowbit.models import load_float  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def main():
     roof = copy_bandwidth()  # measured next to the microbenchmarks it divides: it drifts on a shared host
     print(f"roof {roof:.1f} GB/s", file=sys.stderr)
     res = {
-        "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e,
+        "host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e,
         "gemv": gemv_bench(stack, roof, batch=1, group_size=128),
         "gemm_prefill": [r for b in (32, 128) for r in gemv_bench(stack, roof, batch=b, group_size=128,
                                                                    variants=["fp32", "bf16", "fp16", "int4pack", "int8pack", "lowbit"])],

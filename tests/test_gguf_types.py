@@ -23,8 +23,8 @@ def _correlated_inputs(n=2048, cols=512, seed=0):
 @pytest.mark.parametrize("name", ["q4_k", "q3_k", "iq4_xs", "q6_k", "q4_0", "iq4_nl", "q5_1"])
 def test_gptq_on_each_gguf_grid_beats_rtn_on_the_output(name):
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(64, 512, generator=g) * torch.linspace(0.2, 1.5, 512)
-    x = _correlated_inputs()
+    w = torch.randn(32, 512, generator=g) * torch.linspace(0.2, 1.5, 512)
+    x = _correlated_inputs(n=1024)
     H = x.t() @ x / x.shape[0]
     s = GGUF_PRESETS[name]
     rtn = quantize_tensor(w, s)
@@ -150,3 +150,19 @@ def test_allocation_over_gguf_types_counts_their_real_bits():
     assert allocate(costs, sizes, 4.5, widths) == {"a": "q4_k", "b": "q4_k"}
     with pytest.raises(UserError, match="below the smallest"):
         allocate(costs, sizes, 4.0, widths)
+
+
+def test_target_bits_over_gguf_types_mixes_them_by_measured_kl(embedded, wiki_windows):
+    from lowbit.algorithms.mixed import mixed_recipe
+    from lowbit.api import make_recipe
+
+    model, _ = embedded
+    calib, _ = wiki_windows
+    recipe = make_recipe("q4_k", "rtn", include=["model.layers.0.*"])
+    # layer 0's rows are 576 wide (Q4_K -> Q5_0 at 5.5 bpw, Q6_K -> Q8_0 at 8.5) but for down_proj's 1536
+    mixed, info = mixed_recipe(model, calib[:1, :64], recipe, 6.5, choices=("q4_k", "q6_k"), progress=False)
+    assert info["bits_counted"] == "all stored bits (GGUF bpw)"
+    assert 5.25 <= info["average_bits"] <= 6.5 + 1e-9
+    chosen = {mixed.scheme_for(n).name for n in info["bits"]}
+    assert chosen == {"q4_k", "q6_k"}  # the budget buys some layers the larger type
+    assert info["predicted_kl"] <= info["predicted_kl_uniform"]["q4_k"]

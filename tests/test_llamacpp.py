@@ -9,9 +9,10 @@ import re
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from lowbit.api import quantize
-from lowbit.core.scheme import GGUF_PRESETS, Recipe
+from lowbit.core.scheme import GGUF_PRESETS, Recipe, fitting
 from lowbit.io.interop import llamacpp
 from lowbit.runtime.qlinear import quantized_modules
 
@@ -58,11 +59,15 @@ def test_llama_cpp_reads_every_gguf_type_lowbit_writes_to_the_same_logits(embedd
 
     model, _ = embedded
     qmodel = copy.deepcopy(model)
-    n_layers = model.config.num_hidden_layers
-    # absmax scales: the same storage (so the same GGUF type) as the searching presets, in one pass
+    # absmax scales: the same storage (so the same GGUF type) as the searching presets, in one pass;
+    # per module, the type its row width really gets (llama-quantize's fallback where 256 does not divide)
     fast = {t: GGUF_PRESETS[t].with_(scale_method="absmax", name=t) for t in TYPES}
-    recipe = Recipe(scheme=fast["q4_0"], method="rtn",
-                    overrides={f"model.layers.{i}.*": fast[TYPES[i % len(TYPES)]] for i in range(n_layers)})
+    overrides = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            t = TYPES[int(name.split(".")[2]) % len(TYPES)]
+            overrides[name] = fast[fitting(GGUF_PRESETS[t], mod.in_features).name]
+    recipe = Recipe(scheme=fast["q4_0"], method="rtn", overrides=overrides)
     quantize(qmodel, recipe=recipe, progress=False)
     qmods = quantized_modules(qmodel)
     assert {m.scheme.name for m in qmods.values()} == set(TYPES)
@@ -81,6 +86,7 @@ def test_llama_cpp_reads_every_gguf_type_lowbit_writes_to_the_same_logits(embedd
     assert kld < 0.01 and top > 95.0, (kld, top)
 
 
+@pytest.mark.slow
 def test_imported_llama_quantize_k_quants_reexport_byte_identical(embedded, tmp_path):
     """llama-quantize's own Q4_K_M (Q4_K, Q6_K, Q5_0 and Q8_0 tensors) -> lowbit import -> GGUF export:
     every quantized block comes back byte for byte (two-level scales factor back exactly)."""
@@ -103,3 +109,44 @@ def test_imported_llama_quantize_k_quants_reexport_byte_identical(embedded, tmp_
             assert b[name].tensor_type == t.tensor_type and np.array_equal(b[name].data, t.data), name
             checked += 1
     assert checked == len(qts)
+
+
+@pytest.mark.slow
+def test_imatrix_files_go_both_ways(embedded, eval_text, tmp_path):
+    """llama-imatrix's file, read by lowbit, holds what lowbit measures on the same text (mean x^2
+    per input channel of every Linear); lowbit's own statistics written as an imatrix are taken by
+    llama-quantize --imatrix."""
+    from lowbit.io.interop.gguf_io import export_gguf
+    from lowbit.io.interop.imatrix import read_imatrix, write_imatrix
+    from lowbit.models.adapters import linear_weight
+
+    model, tok = embedded
+    f16 = tmp_path / "f16.gguf"
+    export_gguf(model, None, f16, source_gguf=_embedded_gguf(), embed_type="f16")
+    theirs_path = tmp_path / "theirs.imatrix.gguf"
+    llamacpp.run("llama-imatrix", "-m", f16, "-f", eval_text, "-c", "128", "--chunks", "4", "-o", theirs_path,
+                 threads=2, timeout=600)
+    linears = {n: m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)}
+    theirs = read_imatrix(theirs_path, model.config, {n: linear_weight(m).shape[1] for n, m in linears.items()})
+    assert set(theirs) == set(linears)
+
+    sums = {n: [torch.zeros(linear_weight(m).shape[1], dtype=torch.float64), 0] for n, m in linears.items()}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: (sums[n][0].add_((inp[0][0].double() ** 2).sum(0)),
+                                                                  sums[n].__setitem__(1, sums[n][1] + inp[0].shape[1])))
+             for n, m in linears.items()]
+    ids = tok(eval_text.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :512]
+    with torch.no_grad():
+        for w in ids.split(128, dim=1):
+            model(w)
+    for h in hooks:
+        h.remove()
+    for n in linears:  # same text, cut and tokenized by each tool its own way: the profiles agree
+        ours = sums[n][0] / sums[n][1]
+        r = torch.corrcoef(torch.stack([ours.float().log(), theirs[n].log()]))[0, 1]
+        assert r > 0.9, (n, float(r))
+
+    mine = tmp_path / "lowbit.imatrix.gguf"
+    write_imatrix(mine, model.config, {n: (s, c) for n, (s, c) in sums.items()}, dataset="heldout.txt",
+                  chunks=4, chunk_size=128)
+    out = llamacpp.run("llama-quantize", "--imatrix", mine, f16, tmp_path / "q.gguf", "Q4_K_M", "2", timeout=600)
+    assert f"loaded {len(linears)} importance matrix entries" in out.stdout + out.stderr

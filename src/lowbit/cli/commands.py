@@ -17,6 +17,7 @@ from lowbit.core.scheme import GGUF_PRESETS, Recipe, Scheme
 from lowbit.errors import UserError
 from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants
 from lowbit.evaluate.compare import compare, format_quality_table
+from lowbit.evaluate.host import host_info
 from lowbit.evaluate.quality import evaluate_many
 from lowbit.io.files import check_output, output_lock
 from lowbit.io.interop import export_model, import_model
@@ -336,7 +337,7 @@ def cmd_bench(args) -> int:
     models = speed_variants(args.model, schemes, args.lm_head)
     log("decode / prefill ...")
     e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=lens)
-    res = {"threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e}
+    res = {"host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e}
     if not args.no_micro:
         log("GEMV microbenchmarks (weights rotated through 256 MiB) ...")
         res["gemv"] = gemv_bench([(4096, 4096)], roof)

@@ -54,7 +54,7 @@ def _add_text_args(p, default_seq_len=512):
 
 def _add_export_args(p, help_format, required=False):
     p.add_argument("--format", required=required, default=None, choices=["compressed-tensors", "gguf", "gptq"], help=help_format)
-    p.add_argument("--requantize", metavar="TYPE", help="gguf only: re-round schemes GGUF cannot hold exactly to q8_0/q4_0/q4_1 (the error is reported)")
+    p.add_argument("--requantize", metavar="TYPE", help="gguf only: re-round schemes GGUF cannot hold exactly to this GGUF type, e.g. q4_k (the error is reported)")
     p.add_argument("--embed-type", default="q8_0", choices=["q8_0", "f16", "f32"], help="gguf only: token embedding type (default: q8_0)")
 
 
@@ -213,17 +213,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_schemes(args) -> int:
-    from lowbit.core.scheme import PRESETS, VALID_FORMS, Scheme
+    from lowbit.core.scheme import GGUF_PRESETS, PRESETS, VALID_FORMS, Scheme
 
     rows = []
-    for name in PRESETS:
+    for name in (*PRESETS, *GGUF_PRESETS):
         s = Scheme.parse(name)
         rows.append({"name": name, "weights": s.with_(activations=None).name, "activations": s.activations.name if s.activations else "float"})
     if args.json:
         print(json.dumps({"presets": rows, "grammar": VALID_FORMS}, indent=1))
     else:
         for r in rows:
-            print(f"{r['name']:12s} weights {r['weights']:16s} activations {r['activations']}")
+            print(f"{r['name']:12s} weights {r['weights']:32s} activations {r['activations']}")
         print("\n" + VALID_FORMS)
     return 0
 

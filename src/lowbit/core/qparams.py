@@ -193,11 +193,12 @@ def signed_range(scheme: Scheme) -> bool:
 
 
 def _candidates(lo: torch.Tensor, hi: torch.Tensor, p: float, scheme: Scheme):
-    """(scale, zero) candidates for the clip range p*[lo, hi]: on a signed-range grid the whole
-    grid either way round (absmax / 7 on int4 is coarser than both), else the range itself."""
-    if not signed_range(scheme):
+    """(scale, zero) candidates for the clip range p*[lo, hi]: the range itself, and on a
+    signed-range grid the whole grid either way round (there the range itself, absmax / 7 on
+    int4, is coarser than both and is tried at p = 1 only, so the search never does worse)."""
+    if not signed_range(scheme) or p == 1.0:
         yield qparams_from_range(lo * p, hi * p, scheme)
-    else:
+    if signed_range(scheme):
         gmin, gmax = scheme.number_format.grid_range()
         pos = torch.maximum(hi / gmax, lo / gmin) * p  # the whole grid, either way round
         neg = torch.maximum(-lo / gmax, hi / -gmin) * p

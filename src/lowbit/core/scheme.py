@@ -19,7 +19,7 @@ ZERO_DOMAINS = ("int", "float")
 VALID_FORMS = (
     "model presets: w{2..8}a{16|8|4}[-g{G}][-asym][-mse][-static] (e.g. w4a16-g128, w4a16-g64-asym, w8a16, w8a8, "
     "w4a4; -static: one calibrated activation scale per tensor instead of per-token scales), fp8[-static], nf4, mxfp4, mxfp8, and GGUF's q8_0, q5_0, q5_1, q4_0, q4_1, iq4_nl, q6_k, q5_k, q4_k, iq4_xs, q3_k, q2_k; "
-    "tensor-level: {int2..int8|fp8|fp8e5m2|fp4|nf4}-{tensor|channel|token|g{G}}[-asym[-fzero]][-mse|-p{percentile}] "
+    "tensor-level: {int2..int8|fp8|fp8e5m2|fp4|nf4|iq4nl}-{tensor|channel|token|g{G}}[-asym[-fzero]][-mse|-p{percentile}] "
     "(e.g. int8-tensor, int4-channel, int3-g64-asym, int4-g128-mse, nf4-g64, int4-g32-asym-fzero)"
 )
 
@@ -187,12 +187,13 @@ class Scheme:
         return scheme
 
 
-_FMT_ALIASES = {"fp8": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "fp8e5m2": "fp8_e5m2", "fp4": "fp4_e2m1", "nf4": "nf4"}
+_FMT_ALIASES = {"fp8": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "fp8e5m2": "fp8_e5m2", "fp4": "fp4_e2m1", "nf4": "nf4",
+                "iq4nl": "iq4nl"}
 # numbers in ASCII digits (\d would take any script's digits); no leading zeros, one spelling per scheme
 _N = r"(?:0|[1-9][0-9]*)"
 _SUFFIX = r"(?:(?P<asym>-asym)(?P<fzero>-fzero)?)?(?:(?P<mse>-mse)|-p(?P<pct>[0-9]+(?:\.[0-9]+)?))?"
 _PRESET_RE = re.compile(rf"w(?P<w>{_N})a(?P<a>{_N})(?:-g(?P<g>{_N}))?" + _SUFFIX)
-_TENSOR_RE = re.compile(rf"(?P<fmt>int{_N}|fp8|fp8e4m3|fp8e5m2|fp4|nf4)-(?P<gran>tensor|channel|token|g{_N})" + _SUFFIX)
+_TENSOR_RE = re.compile(rf"(?P<fmt>int{_N}|fp8|fp8e4m3|fp8e5m2|fp4|nf4|iq4nl)-(?P<gran>tensor|channel|token|g{_N})" + _SUFFIX)
 
 
 def _suffix_fields(m: re.Match) -> dict:

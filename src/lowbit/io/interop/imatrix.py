@@ -35,6 +35,7 @@ def write_imatrix(path: str | Path, config, sums: dict[str, tuple[torch.Tensor, 
                   chunks: int, chunk_size: int) -> int:
     """Write {HF Linear name: (sum of x^2 per input channel, tokens)} as an imatrix GGUF; returns entries."""
     import gguf
+
     from lowbit.io.interop.gguf_io import gguf_arch
 
     names = {hf: g for g, hf in _names(config, sums).items()}
