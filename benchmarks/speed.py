@@ -5,7 +5,10 @@
    lowbit's decode loop and through transformers' forward, and prefill tokens/s
    (prompts of 32 and 128 tokens) for fp32, bf16, fp16 and the quantized variants
    (bf16 activations, packed kernels, lm_head int8).
-3. A Llama-7B-shaped layer stack (4096x4096 and 11008x4096): GEMV at batch 1
+3. llama.cpp (built from the llama-cpp-python sdist), timed by llama-bench before and after
+   lowbit on the same model: F32, F16, BF16, Q8_0 and Q4_0 from llama-quantize, and
+   lowbit's own Q4_0 export (same threads; decode of `--tokens`, prefill of 128).
+4. A Llama-7B-shaped layer stack (4096x4096 and 11008x4096): GEMV at batch 1
    over cache-cold weights for every path, including the naive
    dequantize-then-multiply one; and GEMM at 32 and 128 rows (prefill), where
    weight-only kernels may lose to float.
@@ -15,7 +18,10 @@
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
@@ -23,7 +29,10 @@ import torch  # noqa: E402
 
 from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402
+from lowbit.io.interop import llamacpp  # noqa: E402
+from lowbit.io.interop.gguf_io import export_gguf  # noqa: E402
 from lowbit.models import load_float  # noqa: E402
+from lowbit.models.load import embedded_gguf  # noqa: E402
 
 
 def main():
@@ -31,17 +40,28 @@ def main():
     ap.add_argument("--out", default="results/speed.json")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                    help="skip llama.cpp (its tools are built on first use, ~8 minutes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _, tok = load_float("smollm2-135m")
-    models = speed_variants("smollm2-135m", ["w4a16-g64", "w8a16"], lm_head="int8")
+    if args.llama_cpp:
+        llamacpp.build()
+    float_model, tok = load_float("smollm2-135m")
+    models = speed_variants("smollm2-135m", ["q4_0", "w4a16-g64", "w8a16"], lm_head="int8")
+    tmp = tempfile.mkdtemp()
+    peer = llama_cpp_files(float_model, models["q4_0 +int8 lm_head"], tmp) if args.llama_cpp else {}
+    # llama.cpp before and after lowbit: a host that drifts shows up as two different llama.cpp figures
+    before = {n: llamacpp.bench(f, gen=args.tokens, threads=args.threads) for n, f in peer.items()}
     e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=(32, 128))
+    after = {n: llamacpp.bench(f, gen=args.tokens, threads=args.threads) for n, f in peer.items()}
     del models
+    shutil.rmtree(tmp)
     stack = [(4096, 4096), (11008, 4096)]
     roof = copy_bandwidth()  # measured next to the microbenchmarks it divides: it drifts on a shared host
     print(f"roof {roof:.1f} GB/s", file=sys.stderr)
     res = {
         "host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e,
+        "llama_cpp": {"sdist": llamacpp.SDIST, "before": before, "after": after} if peer else None,
         "gemv": gemv_bench(stack, roof, batch=1, group_size=128),
         "gemm_prefill": [r for b in (32, 128) for r in gemv_bench(stack, roof, batch=b, group_size=128,
                                                                    variants=["fp32", "bf16", "fp16", "int4pack", "int8pack", "lowbit"])],
@@ -54,7 +74,42 @@ def main():
     for g in res["gemm_prefill"]:
         print(f"{g['variant'] + ' ' + 'x'.join(map(str, g['shape'])):44s} {g['batch']:5d} {g['us_per_call']:9.1f} "
               f"{g['gb_per_s']:7.1f}", file=sys.stderr)
+    if peer:
+        print("\n" + format_peer(res), file=sys.stderr)
     print(json.dumps(res, indent=1))
+
+
+def llama_cpp_files(model, q4_0, tmp: str) -> dict[str, Path]:
+    """The embedded model as GGUF files llama.cpp runs: F32 (lowbit's float export), F16/BF16/Q8_0/Q4_0
+    by llama-quantize from it (token embedding and head Q8_0 for the quantized ones, as lowbit's
+    int8 head), and lowbit's own Q4_0 codes exported (its int8 head re-rounded to Q8_0)."""
+    tmp = Path(tmp)
+    files = {"F32": tmp / "f32.gguf"}
+    export_gguf(model, None, files["F32"], source_gguf=embedded_gguf("smollm2-135m"), embed_type="f32", float_type="f32")
+    for t in ("F16", "BF16", "Q8_0", "Q4_0"):
+        files[t] = tmp / f"{t}.gguf"
+        heads = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"] if t.startswith("Q") else []
+        llamacpp.run("llama-quantize", "--pure", *heads, files["F32"], files[t], t, "2")
+    files["Q4_0 (lowbit's export)"] = tmp / "lowbit-q4_0.gguf"
+    export_gguf(q4_0, None, files["Q4_0 (lowbit's export)"], source_gguf=embedded_gguf("smollm2-135m"), requantize="q8_0")
+    return files
+
+
+def format_peer(res: dict) -> str:
+    """lowbit beside llama.cpp: decode and prefill (128-token prompt) tokens/s, and the ratios."""
+    lc, v = res["llama_cpp"], res["variants"]
+    lines = [f"{'':34s} {'decode tok/s':>14s} {'prefill 128':>14s}"]
+    for n in lc["before"]:
+        b, a = lc["before"][n], lc["after"][n]
+        lines.append(f"{'llama.cpp ' + n:34s} {b['decode_tokens_per_s']:6.1f} & {a['decode_tokens_per_s']:5.1f} "
+                     f"{b['prefill_tokens_per_s']:6.0f} & {a['prefill_tokens_per_s']:5.0f}")
+    for n, r in v.items():
+        lines.append(f"{'lowbit ' + n:34s} {r['decode_tokens_per_s']:14.1f} {r['prefill_tokens_per_s_by_len']['128']:14.0f}")
+    ref = lambda k: (lc["before"]["Q4_0"][k] + lc["after"]["Q4_0"][k]) / 2  # noqa: E731
+    q = v["q4_0 +int8 lm_head"]
+    lines.append(f"lowbit q4_0 / llama.cpp Q4_0: decode {q['decode_tokens_per_s'] / ref('decode_tokens_per_s'):.2f}x, "
+                 f"prefill {q['prefill_tokens_per_s_by_len']['128'] / ref('prefill_tokens_per_s'):.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,7 @@ class NumberFormat:
 
     def grid_range(self, symmetric: bool = True) -> tuple[float, float]:
         """(most negative, most positive) grid value: -8, 7 for int4; -127, 113 for IQ4_NL."""
-        g = self.grid(symmetric)
-        return float(g[0]), float(g[-1])
+        return _grid_range(self, symmetric)
 
     def grid(self, symmetric: bool = True) -> torch.Tensor:
         """Every representable (finite) grid value, sorted."""
@@ -95,6 +94,12 @@ class NumberFormat:
             return torch.arange(qmin, qmax + 1, dtype=torch.float32)
         t = value_table(self.name)
         return torch.unique(t[torch.isfinite(t)])
+
+
+@functools.cache
+def _grid_range(fmt: NumberFormat, symmetric: bool) -> tuple[float, float]:
+    g = fmt.grid(symmetric)
+    return float(g[0]), float(g[-1])
 
 
 def _fp8_encoder(dtype: torch.dtype, max_value: float):

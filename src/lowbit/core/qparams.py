@@ -153,7 +153,7 @@ def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | N
     search): it runs whatever the scheme's scale method, since asking for it is asking
     for a search.
     """
-    x = as_2d(x).to(torch.float32)
+    x = as_2d(x.detach()).to(torch.float32)  # a Parameter would record every candidate for autograd
     scale, zero = _group_qparams(x, scheme, importance, hessian)
     if scheme.super_block:
         scale, zero = superblock_qparams(scale, zero, scheme)
@@ -192,36 +192,47 @@ def signed_range(scheme: Scheme) -> bool:
     return scheme.symmetric and not scheme.is_mx and gmin != -gmax
 
 
-def _candidates(lo: torch.Tensor, hi: torch.Tensor, p: float, scheme: Scheme):
-    """(scale, zero) candidates for the clip range p*[lo, hi]: the range itself, and on a
-    signed-range grid the whole grid either way round (there the range itself, absmax / 7 on
-    int4, is coarser than both and is tried at p = 1 only, so the search never does worse)."""
-    if not signed_range(scheme) or p == 1.0:
-        yield qparams_from_range(lo * p, hi * p, scheme)
-    if signed_range(scheme):
-        gmin, gmax = scheme.number_format.grid_range()
-        pos = torch.maximum(hi / gmax, lo / gmin) * p  # the whole grid, either way round
-        neg = torch.maximum(-lo / gmax, hi / -gmin) * p
-        for s in (pos, -neg):
-            yield round_scale(torch.where(s != 0, s, torch.ones_like(s)), scheme), None
+def _candidates(lo: torch.Tensor, hi: torch.Tensor, grid, scheme: Scheme):
+    """(scales [C, R, G], zero points [C, R, G] or None) for the clip ranges p*[lo, hi], p in
+    `grid`: the range itself, and on a signed-range grid the whole grid either way round (there
+    the range itself, absmax / 7 on int4, is coarser than both and is tried at p = 1 only, so
+    the search never does worse)."""
+    ps = torch.tensor(grid, dtype=torch.float32).view(-1, *([1] * lo.dim()))
+    if not signed_range(scheme):
+        return qparams_from_range(lo * ps, hi * ps, scheme)
+    gmin, gmax = scheme.number_format.grid_range()
+    pos = torch.maximum(hi / gmax, lo / gmin) * ps  # the whole grid, either way round
+    neg = torch.maximum(-lo / gmax, hi / -gmin) * ps
+    s = torch.cat([pos, -neg])
+    s = round_scale(torch.where(s != 0, s, torch.ones_like(s)), scheme)
+    return torch.cat([qparams_from_range(lo, hi, scheme)[0].unsqueeze(0), s]), None
+
+
+# the candidates of a clip search are scored this many elements at a time (a tensor times its
+# candidates at once would be ~600 MB for a 576 x 1536 weight; one at a time is Python-bound for
+# GPTQ's [rows, 32] groups)
+SEARCH_ELEMENTS = 1 << 23
 
 
 def clip_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme, grid, group_error):
     """Per group, the clip range p*[lo, hi] (p in `grid`, and on signed-range grids both
-    orientations of the whole grid) whose error group_error(w_hat - w) -> [R, G] is least.
-    The grids start at p = 1 (absmax/minmax), so the result is never worse than that."""
+    orientations of the whole grid) whose error group_error(w_hat - w) -> [..., R, G] is least
+    (the first such candidate on ties). The grids start at p = 1 (absmax/minmax), so the result
+    is never worse than that."""
+    scales, zeros = _candidates(lo, hi, grid, scheme)
     best_err = torch.full(lo.shape, torch.inf)
-    best_scale = torch.zeros_like(lo)
-    best_zero = torch.zeros_like(lo) if scheme.has_zero_point else None
-    for p in grid:
-        for scale, zero in _candidates(lo, hi, p, scheme):
-            err = group_error(fake_quant_grouped(xg, scale, zero, scheme) - xg)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            if best_zero is not None:
-                best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero, best_err
+    best = torch.zeros(lo.shape, dtype=torch.long)
+    step = max(1, SEARCH_ELEMENTS // max(xg.numel(), 1))
+    for a in range(0, scales.shape[0], step):
+        s = scales[a:a + step].unsqueeze(-1)
+        z = None if zeros is None else zeros[a:a + step].unsqueeze(-1)
+        err = group_error(fake_quant(xg, s, z, scheme) - xg)
+        e, i = err.min(0)  # first minimum within the chunk
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best = torch.where(better, i + a, best)
+    pick = best.unsqueeze(0)
+    return (scales.gather(0, pick)[0], None if zeros is None else zeros.gather(0, pick)[0], best_err)
 
 
 def refit(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, err: torch.Tensor, scheme: Scheme,
@@ -316,7 +327,7 @@ def output_error_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sc
     error that group adds on the calibration inputs."""
     hb = hessian_blocks(hessian, scheme, hessian.shape[0])
     scale, zero, _ = clip_search(xg, lo, hi, scheme, CLIP_GRID,
-                                 lambda e: torch.einsum("rgi,gij,rgj->rg", e.nan_to_num(0.0), hb, e.nan_to_num(0.0)))
+                                 lambda e: torch.einsum("...gi,gij,...gj->...g", e.nan_to_num(0.0), hb, e.nan_to_num(0.0)))
     return scale, zero
 
 

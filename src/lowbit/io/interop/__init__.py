@@ -62,7 +62,8 @@ def export_model(model, tokenizer, fmt: str, out: str | Path, *, source: str | N
                  embed_type: str = "q8_0") -> dict:
     """Write `model` (with QuantLinears) as `fmt` to `out`; returns what was written."""
     _check_weight_only(model, fmt)
-    _check_no_routed_experts(model, fmt)
+    if fmt != "gguf":  # GGUF writes experts as llama.cpp's 3-D ffn_*_exps tensors
+        _check_no_routed_experts(model, fmt)
     if fmt == "compressed-tensors":
         from lowbit.io.interop.compressed import export_compressed_tensors
 
@@ -91,8 +92,8 @@ def _check_weight_only(model, fmt: str) -> None:
 
 
 def _check_no_routed_experts(model, fmt: str) -> None:
-    """Serving engines load experts under their checkpoint's own names and layouts (3-D GGUF
-    tensors, per-family names in vLLM); lowbit does not write those yet, so it says so
+    """Serving engines load experts under their checkpoint's own names and layouts (per-family
+    names in vLLM); lowbit writes GGUF's 3-D expert tensors but not those yet, so it says so
     rather than writing a file an engine would reject or misread."""
     from lowbit.models.moe import RoutedExperts
 

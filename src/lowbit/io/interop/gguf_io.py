@@ -1,21 +1,10 @@
 """GGUF (llama.cpp) in and out, with the `gguf` package.
 
-Block formats map onto lowbit schemes exactly (blocks of 32 along a row, fp16 scales):
-
-    Q8_0  34 bytes: d, int8 q[32]            w = d * q            -> scheme q8_0 (int8-g32)
-    Q4_0  18 bytes: d, 16 bytes of nibbles   w = d * (q - 8)      -> scheme q4_0 (int4-g32)
-    Q4_1  20 bytes: d, m, 16 bytes           w = d * q + m        -> scheme q4_1 (int4-g32-asym-fzero)
-
-Nibbles: byte j holds element j in its low half and element j + 16 in its high half.
-
-K-quants are read losslessly too (import only: their two-level scales do not come
-back from one scale per group). Q4_K (super-blocks of 256: w = d*sc*q - dmin*m per 32)
-becomes int4-g32 with a float zero and fp32 scales d*sc, zeros -dmin*m; Q6_K
-(w = d*sc*(q - 32) per 16) becomes symmetric int6-g16 with fp32 scales d*sc. Both
-products are exact in fp32, so dequantization matches gguf's own bit for bit.
-A lowbit symmetric int4 code is stored as v + 8, exactly Q4_0's nibble, so these
-conversions only move bytes. Any other scheme is not expressible without
-re-quantizing, which happens only when asked (`requantize=`), with the error reported.
+Every GGUF block type lowbit writes is a lowbit scheme exactly (gguf_blocks.py: Q8_0,
+Q5_0, Q5_1, Q4_0, Q4_1, IQ4_NL and the K-quants Q6_K, Q5_K, Q4_K, IQ4_XS, Q3_K, Q2_K), so
+export and import only move bits; tensors of those types are imported bit-exactly and
+re-exported byte for byte. A scheme GGUF cannot hold is re-rounded only when asked
+(`requantize=`, with lowbit's own scale search), with the error reported.
 
 llama.cpp stores Llama-style q/k projections with rows permuted for its rotary
 layout (convert_hf_to_gguf.py's `permute`); rows move with their codes and scales,
@@ -23,6 +12,7 @@ so that permutation is lossless too.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +24,13 @@ from lowbit.core.tensor import QuantizedTensor, pack_codes, quantize_tensor
 from lowbit.errors import UserError
 from lowbit.io.files import GGUF_WRITER_KEY, atomic_path, check_output
 from lowbit.io.interop.gguf_blocks import LAYOUT, NotExact, blocks_from_qtensor, qtensor_from_blocks, type_name_for
+from lowbit.models.moe import EXPERT_COUNT_KEYS
 
 BLOCK = 32
 
 # Hugging Face model_type -> (GGUF architecture, q/k rows permuted)
-ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "mixtral": ("llama", True), "qwen2": ("qwen2", False),
+          "qwen3": ("qwen3", False), "qwen3_moe": ("qwen3moe", False)}
 
 
 def _gguf():
@@ -95,9 +87,9 @@ def tensor_name_map(config):
 def import_gguf(path: str | Path):
     """(model, tokenizer, {module: QuantizedTensor}) from a GGUF file.
 
-    Linear weights stored as Q8_0/Q4_0/Q4_1/Q4_K/Q6_K become QuantLinears holding exactly
-    those values; everything else (norms, embeddings, other types) is loaded in float by
-    transformers' GGUF reader.
+    Linear weights stored in a type lowbit states exactly (gguf_blocks.LAYOUT) become
+    QuantLinears holding exactly those values; everything else (norms, embeddings, other
+    types) is loaded in float by transformers' GGUF reader.
     """
     from lowbit.models.adapters import is_linear
     from lowbit.runtime.qlinear import install
@@ -181,11 +173,26 @@ def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, sou
         raise UserError(f"--requantize {requantize!r}: choose one of {', '.join(GGUF_PRESETS)}")
 
     tensors, report = [], {"types": {}, "requantized": {}}
+    experts: dict[str, dict[int, tuple]] = {}  # "...experts.gate_proj" -> {expert: (array, raw type)}
+
+    def put(name: str, arr, raw) -> None:
+        m = _EXPERT.match(name)
+        if m:  # one 3-D tensor per expert projection and layer, written once all experts are in
+            experts.setdefault(f"{m['prefix']}.{m['proj']}", {})[int(m["e"])] = (arr, raw)
+            return
+        gname = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
+        if gname is None:
+            raise UserError(f"{name}: no GGUF name for this module in the {arch} layout")
+        tensors.append((gname, arr, raw))
+
     for pname, p in model.state_dict().items():
         mod_name, _, leaf = pname.rpartition(".")
         if mod_name in qmods and leaf in ("codes", "scale", "zero_point"):
             continue
         if pname == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        if _EXPERT.match(mod_name) and leaf == "weight":
+            put(mod_name, *_float_array(p, float_type, pname))
             continue
         gname = tmap.get_name(pname, try_suffixes=(".weight", ".bias"))
         if gname is None:
@@ -202,9 +209,6 @@ def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, sou
         heads = _qk_heads(config, mod_name) if permuted else None
         if heads:
             qt = _permute_rows(qt, _row_permutation(heads, qt.shape[0]))
-        gname = tmap.get_name(mod_name + ".weight", try_suffixes=(".weight",))
-        if gname is None:
-            raise UserError(f"{mod_name}: no GGUF name for this module in the {arch} layout")
         try:
             arr, tname = blocks_from_qtensor(qt)
         except NotExact as e:
@@ -215,11 +219,13 @@ def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, sou
             rq = quantize_tensor(w, fitting(GGUF_PRESETS[requantize.lower()], w.shape[-1]), name=mod_name)
             arr, tname = blocks_from_qtensor(rq)
             report["requantized"][mod_name] = float(torch.linalg.norm(rq.dequantize() - w) / torch.linalg.norm(w).clamp(min=1e-30))
-        raw = ggml_type(tname)
-        tensors.append((gname, arr, raw))
-        if m.bias is not None:
-            tensors.append((gname.removesuffix(".weight") + ".bias", m.bias.detach().float().numpy(), None))
-
+        put(mod_name, arr, ggml_type(tname))
+        if m.bias is not None:  # Qwen2's q/k/v biases stay float beside the codes
+            if _EXPERT.match(mod_name):
+                raise UserError(f"{mod_name}: expert biases (gpt-oss) have no GGUF layout in lowbit's export yet")
+            tensors.append((tmap.get_name(mod_name + ".bias", try_suffixes=(".bias",)), m.bias.detach().float().numpy(), None))
+    for name, by_expert in experts.items():
+        tensors.append(_stacked_experts(tmap, name, by_expert, arch))
     out = check_output(out, file=True)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
@@ -233,6 +239,26 @@ def export_gguf(model, tokenizer_dir: str | Path | None, out: str | Path, *, sou
         w.write_tensors_to_file()
         w.close()
     return report
+
+
+# per-expert Linears (models.moe.RoutedExperts): `...mlp.experts.{e}.gate_proj`
+_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>[0-9]+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+def _stacked_experts(tmap, name: str, by_expert: dict, arch: str) -> tuple:
+    """llama.cpp's `ffn_{gate,up,down}_exps`: every expert's [rows, row_bytes] stacked into one
+    [experts, rows, row_bytes] tensor (all experts at one type)."""
+    n = len(by_expert)
+    if sorted(by_expert) != list(range(n)):
+        raise UserError(f"{name}: experts {sorted(set(range(max(by_expert) + 1)) - set(by_expert))[:3]} are missing")
+    types = {raw.name if raw is not None else str(arr.dtype) for arr, raw in by_expert.values()}
+    if len(types) > 1:
+        raise UserError(f"{name}: GGUF holds all experts of a projection in one tensor of one type; "
+                        f"these experts have {sorted(types)}")
+    gname = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
+    if gname is None:
+        raise UserError(f"{name}: no GGUF name for experts in the {arch} layout")
+    return gname, np.stack([by_expert[e][0] for e in range(n)]), by_expert[0][1]
 
 
 def _write_metadata(w, config, tokenizer_dir, source_gguf, name, qmods) -> None:
@@ -252,6 +278,19 @@ def _write_metadata(w, config, tokenizer_dir, source_gguf, name, qmods) -> None:
     w.add_rope_freq_base(float(theta))
     w.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
     w.add_vocab_size(config.vocab_size)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim and head_dim != config.hidden_size // heads:  # Qwen3: 128 regardless of hidden / heads
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    n_experts = next((getattr(config, k) for k in EXPERT_COUNT_KEYS if (getattr(config, k, None) or 0) > 1), None)
+    if n_experts:
+        if getattr(config, "norm_topk_prob", True) is False:
+            raise UserError("llama.cpp renormalizes the top-k router weights of this architecture; this model's "
+                            "norm_topk_prob is false, so llama.cpp would compute another model")
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(config.moe_intermediate_size)
     kinds = {type_name_for(m.scheme) for m in qmods.values()}
     ftype = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(*kinds, *kinds) if len(kinds) == 1 else None
     if ftype is not None and f"MOSTLY_{ftype}" in gguf.LlamaFileType.__members__:  # a label only: each tensor has its type

@@ -125,5 +125,52 @@ def run(name: str, *args, timeout: float = 1800, threads: int | None = None) -> 
     return r
 
 
+def bench(model: Path, *, prompt: int = 128, gen: int = 64, reps: int = 3, threads: int = 2) -> dict:
+    """llama-bench on one GGUF file: its mean prefill (a `prompt`-token prompt) and decode tokens/s."""
+    out = run("llama-bench", "-m", model, "-p", prompt, "-n", gen, "-r", reps, "-o", "json", threads=threads)
+    rows = json.loads(out.stdout)
+    pp = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
+    tg = next(r for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
+    return {"prefill_tokens_per_s": pp["avg_ts"], "decode_tokens_per_s": tg["avg_ts"], "type": tg.get("model_type")}
+
+
+def log_probs(model: Path, text: Path, *, ctx: int = 128, chunks: int = 4, threads: int = 2):
+    """llama.cpp's own next-token log-probabilities for `model` on `text`, as llama-perplexity
+    scores it: (tokens [chunks, ctx] with the BOS it puts first when the vocabulary asks for one,
+    log-probs [chunks, ctx - 1 - ctx // 2, vocab] for positions ctx // 2 .. ctx - 2).
+
+    Read from the file `--kl-divergence-base` writes ("_logits_", n_ctx, n_vocab, n_chunk, the
+    tokens, then per scored position a float32 scale and minimum and one uint16 per token:
+    log p = minimum + scale * q, to 16/65535 nats over the top 16 nats)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "base.kld"
+        run("llama-perplexity", "-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-b", ctx,
+            "--kl-divergence-base", out, threads=threads, timeout=1800)
+        raw = out.read_bytes()
+    if raw[:8] != b"_logits_":
+        raise RuntimeError(f"{model}: llama-perplexity wrote no logits file")
+    n_ctx, n_vocab, n_chunk = np.frombuffer(raw, np.int32, 3, 8)
+    tokens = np.frombuffer(raw, np.int32, n_chunk * n_ctx, 20).reshape(n_chunk, n_ctx).copy()
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    scored = n_ctx - 1 - n_ctx // 2
+    rows = np.frombuffer(raw, np.uint16, n_chunk * scored * nv, 20 + 4 * n_chunk * n_ctx).reshape(-1, nv)
+    head = rows[:, :4].copy().view(np.float32)  # (scale, minimum) per position
+    q = rows[:, 4:4 + n_vocab].astype(np.float32)
+    lp = np.where(q > 0, head[:, 1:2] + head[:, 0:1] * q, -np.inf)  # 0: at or below the minimum kept
+    bos = _gguf_field(model, "tokenizer.ggml.bos_token_id") if _gguf_field(model, "tokenizer.ggml.add_bos_token") else None
+    if bos is not None:
+        tokens[:, 0] = bos
+    return tokens, lp.reshape(n_chunk, scored, n_vocab)
+
+
+def _gguf_field(path: Path, key: str):
+    import gguf
+
+    f = gguf.GGUFReader(path).fields.get(key)
+    return None if f is None else f.contents()
+
+
 if __name__ == "__main__":
     build()
