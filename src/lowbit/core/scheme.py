@@ -300,6 +300,7 @@ def fitting(scheme: Scheme, cols: int) -> Scheme:
         return GGUF_PRESETS[GGUF_FALLBACK[scheme.name]]
     return scheme
 
+
 PRESETS = ("w8a16", "w4a16", "w4a16-g128", "w4a16-g64", "w3a16-g64", "w8a8", "w8a8-static", "w4a8", "w4a4", "fp8",
            "fp8-static", "nf4", "mxfp4", "mxfp8")
 

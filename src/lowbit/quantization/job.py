@@ -313,6 +313,10 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
         bq.importance = read_imatrix(job.method.imatrix, model.config, {n: linear_weight(model.get_submodule(n)).shape[1]
                                                                          for n in targets})
         info["imatrix"] = {"file": str(job.method.imatrix), "entries": len(bq.importance), "targets": len(targets)}
+    if job.method.imatrix_out:  # every layer needs a GGUF name: known now, not after hours of work
+        from lowbit.io.interop.imatrix import check_names
+
+        check_names(model.config, targets)
     calib = None
     if job.calibrated:
         if calib_ids is None:

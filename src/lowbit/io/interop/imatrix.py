@@ -31,6 +31,18 @@ def _names(config, modules) -> dict[str, str]:
     return out
 
 
+def check_names(config, modules) -> dict[str, str]:
+    """{HF Linear name: GGUF tensor name} for every module, or a one-line error naming one without."""
+    from lowbit.io.interop.gguf_io import gguf_arch
+
+    names = {hf: g for g, hf in _names(config, modules).items()}
+    missing = sorted(set(modules) - set(names))
+    if missing:
+        raise UserError(f"{missing[0]}: no GGUF tensor name in the {gguf_arch(config)[0]} layout, so no imatrix entry "
+                        f"(imatrix files cover dense models for now)")
+    return names
+
+
 def write_imatrix(path: str | Path, config, sums: dict[str, tuple[torch.Tensor, int]], *, dataset: str,
                   chunks: int, chunk_size: int) -> int:
     """Write {HF Linear name: (sum of x^2 per input channel, tokens)} as an imatrix GGUF; returns entries."""
@@ -38,10 +50,7 @@ def write_imatrix(path: str | Path, config, sums: dict[str, tuple[torch.Tensor, 
 
     from lowbit.io.interop.gguf_io import gguf_arch
 
-    names = {hf: g for g, hf in _names(config, sums).items()}
-    missing = sorted(set(sums) - set(names))
-    if missing:
-        raise UserError(f"{missing[0]}: no GGUF tensor name in the {gguf_arch(config)[0]} layout, so no imatrix entry")
+    names = check_names(config, sums)
     path = check_output(path, file=True)
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch=gguf_arch(config)[0])
