@@ -100,6 +100,9 @@ def mixed_recipe(model: nn.Module, windows: torch.Tensor, recipe: Recipe, target
     """A copy of `recipe` whose overrides give each Linear it quantizes its bits, and the figures behind it."""
     base = recipe.scheme
     gguf = base.name in GGUF_PRESETS
+    if not gguf and target_bits > 8:
+        raise UserError(f"--target-bits {target_bits}: integer code widths stop at 8 (above 8 bits per weight "
+                        "is for GGUF types, whose scales count: --scheme q8_0 or q6_k)")
     if choices is None:
         choices = _default_choices(target_bits, gguf)
     choices = tuple(sorted(set(choices), key=lambda c: (str(type(c)), c)))
