@@ -159,17 +159,12 @@ def log_probs(model: Path, text: Path, *, ctx: int = 128, chunks: int = 4, threa
     head = rows[:, :4].copy().view(np.float32)  # (scale, minimum) per position
     q = rows[:, 4:4 + n_vocab].astype(np.float32)
     lp = np.where(q > 0, head[:, 1:2] + head[:, 0:1] * q, -np.inf)  # 0: at or below the minimum kept
-    bos = _gguf_field(model, "tokenizer.ggml.bos_token_id") if _gguf_field(model, "tokenizer.ggml.add_bos_token") else None
-    if bos is not None:
-        tokens[:, 0] = bos
-    return tokens, lp.reshape(n_chunk, scored, n_vocab)
-
-
-def _gguf_field(path: Path, key: str):
     import gguf
 
-    f = gguf.GGUFReader(path).fields.get(key)
-    return None if f is None else f.contents()
+    fields = gguf.GGUFReader(model).fields  # one read of the header for both keys
+    if "tokenizer.ggml.add_bos_token" in fields and fields["tokenizer.ggml.add_bos_token"].contents():
+        tokens[:, 0] = fields["tokenizer.ggml.bos_token_id"].contents()
+    return tokens, lp.reshape(n_chunk, scored, n_vocab)
 
 
 if __name__ == "__main__":
