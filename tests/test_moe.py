@@ -11,6 +11,7 @@ import transformers as T
 from torch import nn
 
 import lowbit
+from lowbit.api import make_recipe
 from lowbit.errors import UserError
 from lowbit.io.lowbit_dir import load_quantized
 from lowbit.models.moe import RoutedExperts, unfuse_experts
@@ -32,9 +33,11 @@ CONFIGS = {
 }
 
 
-def tiny(family: str) -> nn.Module:
+def tiny(family: str, vocab_size: int = 256) -> nn.Module:
     torch.manual_seed(0)
-    m = T.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    cfg = CONFIGS[family]()
+    cfg.vocab_size = vocab_size
+    m = T.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "experts" in name or name.endswith("bias"):  # some families initialise these to zero or leave them empty
@@ -135,8 +138,9 @@ def test_a_weight_that_would_stay_float_is_an_error_naming_it():
 
 
 def test_cli_quantizes_a_saved_mixtral_checkpoint(tmp_path):
-    """The checkpoint as save_pretrained writes it (experts under their on-disk names): the default
-    run loads it whole (MoE checkpoints do not stream yet) and quantizes every expert: 2 x (4 attention + 4 x 3 expert) Linears."""
+    """The checkpoint as save_pretrained writes it (experts under their on-disk names,
+    block_sparse_moe.experts.{e}.w1/w2/w3): the default run streams it and quantizes every expert:
+    2 x (4 attention + 4 x 3 expert) Linears."""
     hf = tmp_path / "mix"
     tiny("mixtral").save_pretrained(hf)
     T.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()).save_pretrained(hf)
@@ -144,8 +148,40 @@ def test_cli_quantizes_a_saved_mixtral_checkpoint(tmp_path):
                         "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "quantized 32 Linear layers" in r.stdout and "% of weight-matrix parameters quantized" in r.stdout, r.stdout
-    with pytest.raises(UserError, match="mixture-of-experts checkpoint quantizes in memory"):
-        lowbit.quantize(str(hf), "w4a16-g32", "rtn", progress=False, out=tmp_path / "s", stream=True)
+    assert r.stdout.startswith("pre-flight:"), r.stdout  # the streamed run's prediction
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_streamed_moe_checkpoint_equals_in_memory(family, embedded, tmp_path):
+    """Streaming reads each expert Linear from its own checkpoint tensor, under the names
+    transformers' conversion mapping gives (Mixtral: block_sparse_moe.experts.{e}.w1 ...), and
+    GPTQ calibrates each expert on its routed tokens block by block: the result is the in-memory run's."""
+    _, tok = embedded
+    ckpt = tmp_path / "ckpt"
+    tiny(family, vocab_size=len(tok)).to(torch.bfloat16).save_pretrained(ckpt, max_shard_size="1MB")
+    tok.save_pretrained(ckpt)
+    recipe = make_recipe("w4a16-g32", "gptq")
+    info = lowbit.quantize(str(ckpt), recipe=recipe, out=tmp_path / "s", samples=4, seq_len=32, progress=False, stream=True).info
+    assert info["resumed_from_block"] == 0
+    streamed, _, meta = load_quantized(tmp_path / "s")
+    ref = lowbit.quantize(str(ckpt), recipe=recipe, samples=4, seq_len=32, progress=False, stream=False).model.float()
+    assert sum(".experts." in n for n in meta["modules"]) == 2 * 4 * 3
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, ref(ids).logits)
+
+
+def test_experts_fused_on_disk_quantize_in_memory(tmp_path):
+    """gpt-oss stores all experts in one tensor: the default run loads it whole, and insisting on
+    streaming names the tensor."""
+    ckpt = tmp_path / "ckpt"
+    tiny("gpt_oss").save_pretrained(ckpt)
+    T.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()).save_pretrained(ckpt)
+    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.experts\.\w+ holds several experts in one tensor"):
+        lowbit.quantize(str(ckpt), "w4a16-g32", "rtn", progress=False, out=tmp_path / "s", stream=True)
+    res = lowbit.quantize(str(ckpt), "w4a16-g32", "rtn", progress=False, out=tmp_path / "m")
+    assert "resumed_from_block" not in res.info  # loaded whole, not streamed
+    assert _expert_params(tiny("gpt_oss")) and sum(".experts." in n for n in load_quantized(tmp_path / "m")[2]["modules"]) == 2 * 4 * 3
 
 
 def _tokenizer():

@@ -42,6 +42,7 @@ class LazyCheckpoint:
             except Exception as e:  # safetensors raises several types for truncated or corrupt headers
                 raise UserError(f"{f}: unreadable safetensors file, truncated or corrupt ({type(e).__name__}: {e})") from None
         self._offsets: dict[Path, tuple[int, dict]] = {}
+        self.disk_key: dict[str, str] = {}  # in-memory name -> the name in the file, where they differ
         if listed is not None and len(self.where) < len(listed):
             k = next(k for k in listed if k not in self.where)
             raise UserError(f"{self.path / INDEX}: {k} is not in {listed[k]}, where the index says it is")
@@ -67,6 +68,13 @@ class LazyCheckpoint:
             raise UserError(f"{self.path}: no .safetensors weights (lowbit reads safetensors and GGUF only, never pickles)")
         return files, None
 
+    def rename(self, to_memory: dict[str, str]) -> None:
+        """Know each tensor by its in-memory name (`to_memory`: {checkpoint key: model key},
+        models/disk_names.py); the files are read under their own names."""
+        name = {k: to_memory.get(k, k) for k in self.where}
+        self.where, self.shapes, self.dtypes = ({name[k]: v for k, v in d.items()} for d in (self.where, self.shapes, self.dtypes))
+        self.disk_key = {m: k for k, m in name.items() if m != k}
+
     def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of a tensor read with plain file reads: unlike the memory map behind
         safe_open, nothing read this way stays resident in this process."""
@@ -80,7 +88,7 @@ class LazyCheckpoint:
         row = dtype.itemsize * numel(shape[1:])
         if not shape:  # a scalar: one "row" of one element
             shape, row = (1,), dtype.itemsize
-        start = base + header[name]["data_offsets"][0] + r0 * row
+        start = base + header[self.disk_key.get(name, name)]["data_offsets"][0] + r0 * row
         fd = os.open(f, os.O_RDONLY)
         try:
             data = os.pread(fd, (r1 - r0) * row, start)

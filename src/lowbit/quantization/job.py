@@ -32,6 +32,7 @@ from lowbit.errors import UserError
 from lowbit.io.files import check_output, output_lock
 from lowbit.io.text import check_text_source, text_windows
 from lowbit.models.adapters import attention_heads, check_context, decoder_layers, is_linear, linear_weight
+from lowbit.models.disk_names import disk_names
 from lowbit.models.load import load_float
 from lowbit.models.moe import is_moe_config, unfuse_experts
 from lowbit.quantization.runner import Blocks, RunOptions, dist_rank_world, run_sequential
@@ -262,12 +263,13 @@ def run(job: QuantizeJob, source: str | nn.Module, out: str | os.PathLike | None
     if job.calibrated and calib_ids is None:
         check_text_source(job.calibration.text)
     kind, path = (None, None) if isinstance(source, nn.Module) else resolve_source(source)
-    moe = kind == "hf" and _is_moe_checkpoint(path)
-    can_stream = job.streamable and kind in ("hf", "embedded") and out is not None and not moe
+    fused = _experts_fused_on_disk(path, job.trust_remote_code) if kind == "hf" else None
+    can_stream = job.streamable and kind in ("hf", "embedded") and out is not None and fused is None
     if stream and not can_stream:
         raise UserError(f"{plan.name} needs the whole model in memory; streaming runs {STREAMABLE}" if not job.streamable
                         else "streaming writes to an output directory; give one" if out is None
-                        else f"{source}: a mixture-of-experts checkpoint quantizes in memory for now (drop stream=True)" if moe
+                        else f"{source}: {fused} holds several experts in one tensor; such checkpoints quantize in memory "
+                             "for now (drop stream=True)" if fused
                         else f"{source}: streaming reads safetensors checkpoint directories; this is a {kind} source")
     stream = can_stream if stream is None else stream
     if dry_run and not stream:
@@ -280,11 +282,18 @@ def run(job: QuantizeJob, source: str | nn.Module, out: str | os.PathLike | None
         return _run(job, source, out, stream, tokenizer, calib_ids, dry_run)
 
 
-def _is_moe_checkpoint(path: Path) -> bool:
+def _experts_fused_on_disk(path: Path, trust_remote_code: bool) -> str | None:
+    """A checkpoint tensor holding several experts at once (gpt-oss stores them fused): streaming
+    fills one expert Linear from one tensor, so such a checkpoint is loaded whole."""
+    from transformers import AutoConfig
+
     try:
-        return is_moe_config(json.loads((path / "config.json").read_text()))
-    except (OSError, ValueError, AttributeError):
-        return False  # loading says what is wrong with it
+        if not is_moe_config(json.loads((path / "config.json").read_text())):
+            return None
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return next(iter(disk_names(config).fused_on_disk), None)
+    except Exception:  # noqa: BLE001 - loading the checkpoint says what is wrong with it
+        return None
 
 
 def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, calib_ids, dry_run: bool):

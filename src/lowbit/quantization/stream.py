@@ -30,8 +30,10 @@ from lowbit.errors import UserError
 from lowbit.io.files import atomic_dir, atomic_path, read_safetensors, save_tensors, write_json
 from lowbit.io.lowbit_dir import Payload, write_model_files
 from lowbit.models.adapters import decoder_layers
+from lowbit.models.disk_names import DiskNames
 from lowbit.models.lazy import INDEX, ST_TORCH, LazyCheckpoint, UpcastEmbedding, check_matches, fill, numel, skeleton
 from lowbit.models.load import resolve_source
+from lowbit.models.moe import is_fused_experts, unfuse_experts
 from lowbit.quantization.runner import Blocks, dist_rank_world
 from lowbit.runtime.qlinear import install
 
@@ -164,6 +166,9 @@ class CheckpointSource:
         _, self.path = resolve_source(source)
         self.ckpt = LazyCheckpoint(self.path)
         self.model = skeleton(self.path, torch.float32, job.trust_remote_code)
+        if any(is_fused_experts(m) for m in self.model.modules()):  # per-expert Linears, each read from its own tensor
+            self.ckpt.rename(DiskNames(self.model).to_memory)
+            unfuse_experts(self.model, copy_weights=False)
         check_matches(self.model, self.ckpt)
         self.prefix, layers = decoder_layers(self.model)
         self.n_blocks = len(layers)
