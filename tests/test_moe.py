@@ -15,7 +15,7 @@ from lowbit.api import make_recipe
 from lowbit.errors import UserError
 from lowbit.io.lowbit_dir import load_quantized
 from lowbit.models.moe import RoutedExperts, unfuse_experts
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import QuantLinear, quantized_modules
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 CONFIGS = {
@@ -193,12 +193,43 @@ def _tokenizer():
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])  # gguf writes them: tests/test_llamacpp.py
-def test_exports_say_they_do_not_carry_experts_yet(fmt, tmp_path):
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_exports_name_each_expert_as_the_checkpoint_does_and_read_back(family, fmt, tmp_path):
+    """vLLM loads compressed-tensors/GPTQ experts one tensor per expert projection under the
+    checkpoint's own names (Mixtral: block_sparse_moe.experts.{e}.w1/w2/w3): the export uses
+    exactly the names transformers saves the float model under, and reads back to the same codes."""
+    from safetensors import safe_open
+
+    from lowbit.io.interop import export_model, import_model
+
+    float_dir = tmp_path / "float"
+    tiny(family).save_pretrained(float_dir)
+    with safe_open(str(float_dir / "model.safetensors"), "pt") as h:
+        float_keys = set(h.keys())
+    res = lowbit.quantize(tiny(family), "w4a16-g32", "rtn", progress=False)
+    export_model(res.model, None, fmt, tmp_path / "x")
+    with safe_open(str(tmp_path / "x" / "model.safetensors"), "pt") as h:
+        keys = set(h.keys())
+    leaf = "weight_packed" if fmt == "compressed-tensors" else "qweight"
+    expert = "block_sparse_moe.experts.3.w2" if family == "mixtral" else "mlp.experts.3.down_proj"
+    assert f"model.layers.1.{expert}.{leaf}" in keys
+    quantized = {k.removesuffix(f".{leaf}") for k in keys if k.endswith(f".{leaf}")}
+    assert len(quantized) == 2 * (4 + 4 * 3) and {f"{m}.weight" for m in quantized} <= float_keys
+    assert {k for k in keys if k.endswith(".weight")} <= float_keys  # routers, norms, embeddings: the same names too
+    model, _, qts = import_model(tmp_path / "x")
+    ours = {n: m.qweight for n, m in quantized_modules(res.model).items()}
+    assert qts.keys() == ours.keys()
+    assert all(torch.equal(qts[n].unpacked_codes(), ours[n].unpacked_codes()) for n in ours)
+    with torch.no_grad():
+        assert _kl(res.model.float()(_ids()).logits, model(_ids()).logits) < 1e-4  # float parts travel as fp16
+
+
+def test_experts_fused_in_the_checkpoint_format_are_refused_by_per_linear_exports(tmp_path):
     from lowbit.io.interop import export_model
 
-    res = lowbit.quantize(tiny("qwen3_moe"), "w4a16-g32", "rtn", progress=False)
-    with pytest.raises(UserError, match=f"the {fmt} export of mixture-of-experts layers is not written yet"):
-        export_model(res.model, None, fmt, tmp_path / "x")
+    res = lowbit.quantize(tiny("gpt_oss"), "w4a16-g32", "rtn", progress=False)
+    with pytest.raises(UserError, match=r"store 8 expert weights in one tensor .*gate_up_proj.*export gguf"):
+        export_model(res.model, None, "compressed-tensors", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

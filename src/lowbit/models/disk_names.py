@@ -43,19 +43,26 @@ class DiskNames:
                 self.fused_on_disk[disk_key] = [owner[i] for i in ids]
         self.to_memory = {d: m for m, d in self.to_disk.items()}
 
-    @property
-    def identity(self) -> bool:
-        return not self.fused_on_disk and all(m == d for m, d in self.to_disk.items())
-
     def disk(self, key: str) -> str:
-        return self.to_disk.get(key, key)
+        """A tensor's checkpoint name; a module's other leaves (weight_scale, qweight, ...) follow its weight."""
+        return _follow(self.to_disk, key)
 
     def memory(self, key: str) -> str:
-        return self.to_memory.get(key, key)
+        return _follow(self.to_memory, key)
 
     def disk_module(self, name: str) -> str:
-        """A module's checkpoint name (its `.weight` renamed, the leaf dropped)."""
         return self.disk(f"{name}.weight").removesuffix(".weight")
+
+    def memory_module(self, name: str) -> str:
+        return self.memory(f"{name}.weight").removesuffix(".weight")
+
+
+def _follow(table: dict[str, str], key: str) -> str:
+    if key in table:
+        return table[key]
+    module, _, leaf = key.rpartition(".")
+    renamed = table.get(f"{module}.weight", "")
+    return f"{renamed.removesuffix('.weight')}.{leaf}" if renamed.endswith(".weight") else key
 
 
 def _probe(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[int, str]]:

@@ -62,8 +62,6 @@ def export_model(model, tokenizer, fmt: str, out: str | Path, *, source: str | N
                  embed_type: str = "q8_0") -> dict:
     """Write `model` (with QuantLinears) as `fmt` to `out`; returns what was written."""
     _check_weight_only(model, fmt)
-    if fmt != "gguf":  # GGUF writes experts as llama.cpp's 3-D ffn_*_exps tensors
-        _check_no_routed_experts(model, fmt)
     if fmt == "compressed-tensors":
         from lowbit.io.interop.compressed import export_compressed_tensors
 
@@ -89,18 +87,6 @@ def _check_weight_only(model, fmt: str) -> None:
         if extra:
             raise UserError(f"{name} {' and '.join(extra)}; the {fmt} export holds weight-only codes, so a loader would compute "
                             "something else (export weight-only methods and schemes: rtn/gptq/awq, w*a16)")
-
-
-def _check_no_routed_experts(model, fmt: str) -> None:
-    """Serving engines load experts under their checkpoint's own names and layouts (per-family
-    names in vLLM); lowbit writes GGUF's 3-D expert tensors but not those yet, so it says so
-    rather than writing a file an engine would reject or misread."""
-    from lowbit.models.moe import RoutedExperts
-
-    moe = next((n for n, m in model.named_modules() if isinstance(m, RoutedExperts)), None)
-    if moe is not None:
-        raise UserError(f"{moe}: the {fmt} export of mixture-of-experts layers is not written yet; "
-                        "the lowbit output itself loads and runs them (lowbit.load, lowbit eval/generate)")
 
 
 def _source_gguf(source: str | None) -> Path | None:

@@ -10,6 +10,8 @@ import torch
 from lowbit.core.layer import QuantizedLayer
 from lowbit.errors import UserError
 from lowbit.io.files import atomic_dir, check_output
+from lowbit.models.disk_names import DiskNames, disk_names
+from lowbit.models.moe import RoutedExperts, is_moe_config, unfuse_experts
 from lowbit.runtime.qlinear import QUANT_BUFFERS, float_state, install
 
 
@@ -19,12 +21,30 @@ def float_tensors(model, skip_modules, float_dtype: torch.dtype) -> dict[str, to
             for k, v in float_state(model).items() if k.rpartition(".")[0] not in skip_modules}
 
 
+def checkpoint_names(model, fmt: str) -> DiskNames | None:
+    """How a checkpoint names this model's tensors where that differs from lowbit's in-memory
+    names (mixture-of-experts models: one tensor per expert projection, under the family's own
+    names, as transformers saves them and vLLM loads them); None where the names are the same."""
+    if not any(isinstance(m, RoutedExperts) for m in model.modules()):
+        return None
+    names = disk_names(model.config)
+    if names.fused_on_disk:
+        key, held = next(iter(names.fused_on_disk.items()))
+        raise UserError(f"{type(model).__name__}: its checkpoints store {len(held)} expert weights in one tensor ({key}); "
+                        f"the {fmt} format holds one 2-D tensor per Linear (export gguf, or keep lowbit's own output)")
+    return names
+
+
 def write_checkpoint(out: str | Path, model, tokenizer, tensors: dict[str, torch.Tensor], quantization_config: dict,
-                     float_dtype: torch.dtype, extra_json: dict[str, dict] | None = None) -> Path:
-    """model.safetensors + config.json (with quantization_config) + tokenizer; appears whole or not at all."""
+                     float_dtype: torch.dtype, extra_json: dict[str, dict] | None = None,
+                     names: DiskNames | None = None) -> Path:
+    """model.safetensors + config.json (with quantization_config) + tokenizer, tensors under their
+    checkpoint `names`; appears whole or not at all."""
     from safetensors.torch import save_file
 
     out = check_output(out)
+    if names is not None:
+        tensors = {names.disk(k): v for k, v in tensors.items()}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
@@ -40,7 +60,8 @@ def write_checkpoint(out: str | Path, model, tokenizer, tensors: dict[str, torch
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json as a dict, every tensor of every *.safetensors shard)."""
+    """(config.json as a dict, every tensor of every *.safetensors shard under lowbit's in-memory
+    name: a mixture-of-experts checkpoint's per-expert tensors become `experts.{e}.gate_proj`, ...)."""
     from lowbit.io.files import read_safetensors
 
     path = Path(path)
@@ -54,6 +75,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {}
     for f in shards:
         tensors.update(read_safetensors(f)[0])
+    if is_moe_config(cfg):
+        from transformers import AutoConfig
+
+        names = disk_names(AutoConfig.from_pretrained(path, local_files_only=True))
+        tensors = {names.memory(k): v for k, v in tensors.items()}
     return cfg, tensors
 
 
@@ -92,6 +118,7 @@ def assemble(path: str | Path, qtensors: dict, tensors: dict[str, torch.Tensor],
         del config.quantization_config  # lowbit runs the QuantLinears itself
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model, copy_weights=False)  # read_checkpoint named the experts per expert
     install(model, {n: QuantizedLayer(qt) for n, qt in qtensors.items()})
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)

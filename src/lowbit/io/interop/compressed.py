@@ -23,7 +23,9 @@ import torch
 from lowbit.core.scheme import Scheme
 from lowbit.core.tensor import QuantizedTensor, pack_codes
 from lowbit.errors import UserError
-from lowbit.io.interop.checkpoint import assemble, float_tensors, read_checkpoint, write_checkpoint
+from lowbit.io.interop.checkpoint import assemble, checkpoint_names, float_tensors, read_checkpoint, write_checkpoint
+from lowbit.models.disk_names import disk_names
+from lowbit.models.moe import is_moe_config, unfuse_experts
 
 
 def _ct():
@@ -95,6 +97,8 @@ def export_compressed_tensors(model, tokenizer, out: str | Path, *, float_dtype:
     qmods = quantized_modules(model)
     if not qmods:
         raise UserError("the model has no quantized modules to export")
+    names = checkpoint_names(model, "compressed-tensors")
+    disk = names.disk_module if names is not None else (lambda n: n)
     groups: dict[str, list[str]] = {}
     formats = set()
     tensors = float_tensors(model, qmods, float_dtype)
@@ -110,14 +114,15 @@ def export_compressed_tensors(model, tokenizer, out: str | Path, *, float_dtype:
     if len(groups) == 1:  # the usual case: every Linear but a few (lm_head) shares one scheme
         only = weight_args(next(iter(qmods.values())).scheme)[0]
         config_groups = {"group_0": q.QuantizationScheme(targets=["Linear"], weights=only)}
-        ignore = [n for n, mod in model.named_modules() if n and is_linear(mod) and n not in qmods]
+        ignore = [disk(n) for n, mod in model.named_modules() if n and is_linear(mod) and n not in qmods]
     else:  # mixed precision: one group per scheme, naming its modules
-        config_groups = {f"group_{i}": q.QuantizationScheme(targets=names, weights=weight_args(qmods[names[0]].scheme)[0])
-                         for i, names in enumerate(groups.values())}
+        config_groups = {f"group_{i}": q.QuantizationScheme(targets=[disk(n) for n in mods],
+                                                            weights=weight_args(qmods[mods[0]].scheme)[0])
+                         for i, mods in enumerate(groups.values())}
         ignore = []
     qconfig = q.QuantizationConfig(config_groups=config_groups, format=formats.pop(), ignore=ignore,
                                    quantization_status="compressed")
-    write_checkpoint(out, model, tokenizer, tensors, _config_dict(qconfig), float_dtype)
+    write_checkpoint(out, model, tokenizer, tensors, _config_dict(qconfig), float_dtype, names=names)
     return {"format": qconfig.format, "modules": len(qmods), "ignored": ignore}
 
 
@@ -193,13 +198,16 @@ def import_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):  # only the module names matter here
         skeleton = AutoModelForCausalLM.from_config(config)
+    unfuse_experts(skeleton, copy_weights=False)  # read_checkpoint named the experts per expert
+    names = disk_names(config) if is_moe_config(config) else None
+    memory = (lambda ts: [names.memory_module(t) for t in ts]) if names is not None else (lambda ts: ts)  # module names only
     qts = {}
     for group in qc.config_groups.values():
         if group.weights is None:
             continue
         if group.input_activations is not None:
             raise UserError(f"{path}: activation quantization ({group.input_activations.type}) is not run by this lowbit")
-        for name, _mod in match_named_modules(skeleton, group.targets, qc.ignore or []):
+        for name, _mod in match_named_modules(skeleton, memory(group.targets), memory(qc.ignore or [])):
             if f"{name}.weight_scale" in tensors:
                 qts[name] = qtensor_from_compressed(tensors, name, group.weights)
     for name in qts:

@@ -23,7 +23,15 @@ import torch
 from lowbit.core.scheme import Scheme
 from lowbit.core.tensor import QuantizedTensor, pack_codes
 from lowbit.errors import UserError
-from lowbit.io.interop.checkpoint import assemble, float_tensors, quantization_config, read_checkpoint, take_qtensors, write_checkpoint
+from lowbit.io.interop.checkpoint import (
+    assemble,
+    checkpoint_names,
+    float_tensors,
+    quantization_config,
+    read_checkpoint,
+    take_qtensors,
+    write_checkpoint,
+)
 
 BITS = (2, 4, 8)
 
@@ -124,7 +132,8 @@ def export_gptq(model, tokenizer, out: str | Path, *, float_dtype: torch.dtype =
             tensors[f"{name}.bias"] = m.bias.detach().to(float_dtype)
     qcfg = {"bits": bits, "group_size": group_size, "desc_act": False, "sym": sym, "static_groups": False,
             "true_sequential": True, "checkpoint_format": "gptq", "quant_method": "gptq", "damp_percent": 0.01}
-    write_checkpoint(out, model, tokenizer, tensors, qcfg, float_dtype, {"quantize_config.json": qcfg})
+    write_checkpoint(out, model, tokenizer, tensors, qcfg, float_dtype, {"quantize_config.json": qcfg},
+                     names=checkpoint_names(model, "gptq"))
     return {"format": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "modules": len(qmods)}
 
 
