@@ -25,6 +25,10 @@ def _tiny(family: str):
         "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+        # every other layer dense (mlp_only_layers), q/k norms
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                                                                "moe_intermediate_size": 48, "mlp_only_layers": [1]}),
     }[family]
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**TINY, **extra)).eval()
@@ -34,9 +38,16 @@ def _tiny(family: str):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"])
 def test_decoder_matches_transformers_forward(family):
     model = _tiny(family)
+    if family in ("mixtral", "qwen3_moe"):  # the experts as lowbit holds them, quantized: RoutedExperts of QuantLinears
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "experts" in n:
+                    p.normal_(0, 0.05)
+        model = quantize(model, recipe=make_recipe("w8a16-g32", "rtn"), progress=False).model
+        assert "RoutedExperts" in {type(m).__name__ for m in model.modules()}
     if family == "qwen2":
         assert model.model.layers[0].self_attn.q_proj.bias is not None
     if family == "qwen3":

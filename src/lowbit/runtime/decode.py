@@ -1,4 +1,5 @@
-"""lowbit's own decode loop for Llama-family models (Llama, Mistral, Qwen2, Qwen3).
+"""lowbit's own decode loop for Llama-family models (Llama, Mistral, Qwen2, Qwen3) and their
+mixture-of-experts kin (Mixtral, Qwen3-MoE).
 
 At batch 1 a 4-bit model's Linears take a few milliseconds per token; transformers'
 module tree around them (hooks, masks rebuilt every step, per-layer rotary, cache
@@ -7,7 +8,9 @@ This loop runs the same modules' weights with nothing else in the way: a cos/sin
 table made once by the model's own rotary module, a preallocated fp32 KV cache,
 grouped-query attention without repeat_kv copies, logits for the last position only.
 Every Linear runs its own module's forward, so QuantLinear picks the same kernel as
-under transformers. Batch 1; tests hold it to transformers' forward.
+under transformers; a mixture-of-experts block runs its own router and lowbit's
+RoutedExperts (only the experts a token is sent to). Batch 1; tests hold it to
+transformers' forward.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from torch import nn
 
 from lowbit.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -53,7 +56,10 @@ class _Layer:
         att, mlp = block.self_attn, block.mlp
         call = (lambda m: m) if hooks else (lambda m: m.forward)
         self.q, self.k, self.v, self.o = map(call, (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
-        self.gate, self.up, self.down = map(call, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        # a mixture-of-experts block is called whole: its router, then the routed experts
+        self.moe = call(mlp) if hasattr(mlp, "experts") else None
+        if self.moe is None:
+            self.gate, self.up, self.down = map(call, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         self.norm1 = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
         self.norm2 = (block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon)
         qn, kn = getattr(att, "q_norm", None), getattr(att, "k_norm", None)  # Qwen3 normalises q/k per head
@@ -115,7 +121,7 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, _rms_norm(x, *layer.norm1), rope, mask)
             h = _rms_norm(x, *layer.norm2)
-            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+            x = x + (layer.moe(h[None])[0] if layer.moe is not None else layer.down(F.silu(layer.gate(h)) * layer.up(h)))
         self.pos = pos + t
         return self.lm_head(_rms_norm(x[-1:], *self.norm))[0]
 
