@@ -123,10 +123,10 @@ def _hwm_bytes(pid: int) -> int:
 
 
 def run(argv: list[str], python: str | None = None) -> dict:
-    """Run `lowbit quantize` as a child (or, with `python`, that Python code: the API); its peak
-    RSS, wall time and the pre-flight line it printed."""
+    """Run `lowbit <argv>` as a child (or, with `python`, that Python code with `argv` as its
+    arguments); its peak RSS, wall time and the pre-flight prediction it printed, if any."""
     t0 = time.time()
-    cmd = [sys.executable, "-c", python] if python else [sys.executable, "-m", "lowbit", "--quiet", *argv]
+    cmd = [sys.executable, "-c", python, *argv] if python else [sys.executable, "-m", "lowbit", "--quiet", *argv]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while p.poll() is None:  # sampled every 50 ms; VmHWM only grows, so a late sample holds every earlier peak
@@ -137,9 +137,9 @@ def run(argv: list[str], python: str | None = None) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"lowbit {' '.join(argv) or python} failed ({p.returncode}): {err[-2000:]}")
     m = re.search(r"peak RAM ([\d.]+) GB .*?disk ([\d.]+) GB .*?time (\d+)s", out)
-    return {"peak_rss_gb": peak / 1e9, "seconds": wall,
-            "predicted_peak_gb": float(m.group(1)), "predicted_disk_gb": float(m.group(2)),
-            "predicted_seconds": float(m.group(3)), "stdout": out.strip().splitlines()}
+    pred = {"predicted_peak_gb": float(m.group(1)), "predicted_disk_gb": float(m.group(2)),
+            "predicted_seconds": float(m.group(3))} if m else {}
+    return {"peak_rss_gb": peak / 1e9, "seconds": wall, **pred, "stdout": out.strip().splitlines()}
 
 
 def main():

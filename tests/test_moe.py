@@ -125,6 +125,44 @@ def test_gptq_per_expert_output_error_below_rtn_on_routed_inputs(family):
     assert err["gptq"] < err["rtn"]
 
 
+def test_calibrating_every_expert_on_every_token_is_the_measured_default():
+    """The rule for experts the router sends few tokens: seen on held-out text, per-expert output
+    error after GPTQ is lower when every expert is calibrated on every token than on its routed
+    tokens alone (measured over 3 seeds x 8/16 experts x 128-512 calibration tokens: 3.68 vs 5.92
+    summed relative error at 512; the model's KL 0.0055 vs 0.0064), so that is the default."""
+    from lowbit.quantization.job import MethodOptions
+
+    torch.manual_seed(0)
+    m = T.AutoModelForCausalLM.from_config(T.MixtralConfig(intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                                                           **COMMON)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "experts" in n:
+                p.normal_(0, 0.05)
+            if n.endswith("mlp.gate.weight"):
+                p.mul_(4)  # a peaky router: some experts get few tokens
+    calib, held = _ids(16, 32, seed=10), _ids(8, 32, seed=50)
+    u = copy.deepcopy(m)
+    unfuse_experts(u)
+    inputs = {n: x for n, x in _routed_inputs(u, held).items() if ".experts." in n}
+    weights = {n: u.get_submodule(n).weight.detach() for n in inputs}
+    err, tokens = {}, {}
+    for rule in ("routed", "all-tokens"):
+        res = lowbit.quantize(copy.deepcopy(m), "w3a16-g32", "gptq", progress=False, calib_ids=calib, batch_size=4,
+                              method_options=MethodOptions(expert_calibration=rule))
+        mods = dict(res.model.named_modules())
+        err[rule] = sum(float((x @ (weights[n] - mods[n].layer.effective_weight()).t()).pow(2).sum() / (x @ weights[n].t()).pow(2).sum())
+                        for n, x in inputs.items())
+        tokens[rule] = res.info["expert_tokens"]
+    assert err["all-tokens"] < err["routed"]
+    assert MethodOptions().expert_calibration == "all-tokens"
+    # either way the report counts the tokens the router sent, not the ones shown (layer 0: the same
+    # float inputs both ways; later layers route what the quantized layers before them produce)
+    first = {k: v for k, v in tokens["routed"]["per_expert"].items() if ".layers.0." in k}
+    assert first == {k: tokens["all-tokens"]["per_expert"][k] for k in first} and sum(first.values()) == 16 * 32 * 2
+    assert tokens["all-tokens"]["min"] < tokens["all-tokens"]["max"] and tokens["all-tokens"]["calibration"] == "all-tokens"
+
+
 def test_a_weight_that_would_stay_float_is_an_error_naming_it():
     torch.manual_seed(0)
     m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -53,7 +53,7 @@ def cmd_quantize(args) -> int:
         recipe, mixed_info = _mixed_recipe(args, recipe, choices)
     mopts = MethodOptions(smoothquant_alpha=args.alpha, outlier_threshold=args.outlier_threshold,
                           rotation_seed=args.seed, qat=QATOptions(steps=args.qat_steps, seed=args.seed),
-                          imatrix=args.imatrix, imatrix_out=args.imatrix_out)
+                          imatrix=args.imatrix, imatrix_out=args.imatrix_out, expert_calibration=args.expert_calibration)
     extra = {"mixed_precision": mixed_info} if args.target_bits is not None else None
     _init_distributed()
     res = quantize(args.model, calib=args.calib, text_field=args.text_field, recipe=recipe, samples=args.samples,
@@ -70,9 +70,9 @@ def cmd_quantize(args) -> int:
         html_path, _ = _quantize_report(args, res)
         print(f"report -> {html_path}")
     b = res.info["bytes"]
-    for key in ("outlier_split", "qat", "imatrix", "imatrix_out"):
-        if key in res.info:
-            print(f"{key}: {json.dumps(res.info[key])}")
+    for key in ("outlier_split", "qat", "imatrix", "imatrix_out", "expert_tokens"):
+        if key in res.info:  # tokens per expert: the summary (lowbit.json has every expert)
+            print(f"{key}: {json.dumps({k: v for k, v in res.info[key].items() if k != 'per_expert'})}")
     print(f"quantized {res.info['quantized_modules']} Linear layers of {args.model} with {res.info['method']} {res.info['recipe']['scheme']['name']} "
           f"in {res.seconds:.1f}s -> {args.out} ({b['total_bytes'] / 1e6:.1f} MB: {b['quantized_bytes'] / 1e6:.1f} MB quantized, "
           f"{b['float_bytes'] / 1e6:.1f} MB float; {100 * res.info['quantized_weight_fraction']:.1f}% of weight-matrix parameters quantized)")

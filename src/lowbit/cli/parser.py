@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "search of rtn the way llama-quantize does")
     p.add_argument("--imatrix-out", metavar="GGUF", help="also write this run's calibration statistics (sum of x^2 per input "
                    "channel) as an importance matrix llama-quantize --imatrix reads")
+    p.add_argument("--expert-calibration", choices=("all-tokens", "routed"), default="all-tokens",
+                   help="mixture-of-experts models: calibrate every expert on every token (default; the lower error "
+                   "measured), or only on the tokens its router sends it")
     p.add_argument("--qat-steps", type=COUNT, default=64, help="qat: fine-tuning steps (default: 64)")
     p.add_argument("--scheme", default="w4a16-g64", help="scheme name, e.g. w4a16-g64, w4a16-g128-asym, w8a16 (see 'lowbit schemes')")
     p.add_argument("--calib", default="wiki", help="calibration text: 'wiki', a .txt or .jsonl file (default: wiki)")

@@ -172,8 +172,9 @@ class InputStats:
         self.abssum = torch.zeros(cols, dtype=torch.float64)
         self.sqsum = torch.zeros(cols, dtype=torch.float64)  # diag(X^T X): llama.cpp's imatrix
         self.n = 0
+        self.routed = 0  # of the n rows, those a mixture-of-experts router sent (n unless every token was shown)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, routed: int | None = None) -> None:
         if self.H is not None:
             self.H += (x.t() @ x).double()
         a = x.abs()
@@ -181,17 +182,18 @@ class InputStats:
         self.abssum += a.sum(0, dtype=torch.float64)
         self.sqsum += (a * a).sum(0, dtype=torch.float64)
         self.n += x.shape[0]
+        self.routed += x.shape[0] if routed is None else routed
 
     def reduce(self) -> None:
         """Combine with the same statistics of the other torch.distributed processes."""
         import torch.distributed as dist
 
-        n = torch.tensor([self.n], dtype=torch.float64)
+        n = torch.tensor([self.n, self.routed], dtype=torch.float64)
         for t in (self.H, self.abssum, self.sqsum, n):
             if t is not None:
                 dist.all_reduce(t)
         dist.all_reduce(self.amax, op=dist.ReduceOp.MAX)
-        self.n = int(n.item())
+        self.n, self.routed = (int(v) for v in n.tolist())
 
     def finish(self) -> "InputStats":
         if self.H is not None and self.H.dtype == torch.float64:
@@ -225,7 +227,7 @@ class StatsCollector:
             x = linear_input(mod, inputs[0])
             if name not in self.stats:
                 self.stats[name] = InputStats(x.shape[1], self.hessian)
-            self.stats[name].add(x)
+            self.stats[name].add(x, getattr(mod, "routed_rows", None))  # set by RoutedExperts showing every token
 
         return hook
 
