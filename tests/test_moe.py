@@ -285,3 +285,28 @@ def test_quantized_experts_run_only_the_routed_ones_bf16_kernels_and_fp32_refere
     with torch.no_grad():
         a, b = ref(_ids()).logits, fast(_ids()).logits.float()
     assert _kl(a, b) < 0.01
+
+
+def test_analysis_reports_each_experts_load_and_outliers(embedded, tmp_path):
+    from lowbit.analysis import analyze
+    from lowbit.analysis.report import write_report
+
+    _, tok = embedded
+    ckpt = tmp_path / "ckpt"
+    tiny("mixtral", vocab_size=len(tok)).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    res = analyze(str(ckpt), seq_len=32, sets=2, windows=2, probe_schemes=("w4a16-g32",), new_tokens=2,
+                  sensitivity_windows=1, sensitivity_seq_len=32, progress=False)
+    ex = res["experts"]
+    assert [(r["block"], r["index"]) for r in ex] == [(b, e) for b in range(2) for e in range(4)]
+    routed = 2 * sum(res["text_sets"].values())  # top-2: every token of every set reaches two experts per block
+    for b in range(2):
+        rows = [r for r in ex if r["block"] == b]
+        assert sum(r["tokens"] for r in rows) == routed and abs(sum(r["share"] for r in rows) - 1) < 1e-9
+    assert all(r["down_max_over_median"] >= 1 and "gate_up_outlier_channels" in r for r in ex)
+    assert not any(".experts." in s["linears"][0] for s in res["sites"])  # experts are reported per expert, not per site
+    html, _ = write_report(res, tmp_path / "r.html")
+    page = html.read_text()
+    assert "<h2>Experts</h2>" in page and "share of each block" not in page  # the plot title is inside the PNG
+    from lowbit.analysis.findings import findings
+    assert any(f.startswith("Experts: 8 routed experts in 2 blocks") for f in findings(res))

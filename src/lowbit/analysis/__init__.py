@@ -22,6 +22,7 @@ from lowbit.api import load, make_recipe, quantize
 from lowbit.errors import UserError
 from lowbit.io.text import load_text, split_text, tokenize
 from lowbit.models.adapters import decoder_layers, linear_weight
+from lowbit.models.moe import unfuse_experts
 from lowbit.runtime.qlinear import dequantized
 
 
@@ -64,6 +65,31 @@ def _site_row(site, tokenizer, keep_channels: bool) -> dict:
     return row
 
 
+def expert_rows(rows: list[dict], model) -> list[dict]:
+    """One row per routed expert: the tokens its router sent it (its share of the block's
+    routed tokens; uniform routing gives each 1/E) and what its gate/up and down_proj inputs
+    look like (the largest channel over the median one, outlier channels)."""
+    k = next((getattr(model.config, a) for a in ("num_experts_per_tok", "moe_topk") if getattr(model.config, a, None)), 1)
+    out: dict[str, dict] = {}
+    for r in rows:
+        expert = r["linears"][0].rsplit(".", 1)[0]
+        row = out.setdefault(expert, {"expert": expert, "block": r["block"], "index": int(expert.rsplit(".", 1)[1])})
+        kind = "down" if r["kind"] == "down" else "gate_up"
+        if kind == "gate_up":
+            row["tokens"] = r["tokens"]
+        row[f"{kind}_absmax"] = r["absmax"]
+        row[f"{kind}_max_over_median"] = r["max_over_median"]
+        row[f"{kind}_outlier_channels"] = len(r["outliers"]["channels"])
+    by_block: dict[int, list[dict]] = {}
+    for row in out.values():
+        by_block.setdefault(row["block"], []).append(row)
+    for rs in by_block.values():
+        total = sum(r.get("tokens", 0) for r in rs) / k  # every token goes to k experts
+        for r in rs:
+            r["share"] = r.get("tokens", 0) / total / k if total else 0.0
+    return sorted(out.values(), key=lambda r: (r["block"], r["index"]))
+
+
 def representative_blocks(n: int) -> tuple[int, ...]:
     return tuple(sorted({0, n // 2, n - 1}))
 
@@ -84,6 +110,7 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
     model.eval()
     if any(True for _ in model.modules() if type(_).__name__ == "QuantLinear"):
         raise UserError(f"{source} is already quantized; analyze its float original (probes compare against it)")
+    unfuse_experts(model)  # one Linear per expert projection: each expert's inputs are a site of their own
     _, layers = decoder_layers(model)
     blocks = representative_blocks(len(layers))
     analysis_text, heldout = split_text(load_text(text, text_field))
@@ -97,7 +124,9 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
         col.run(tsets, progress=progress)
     finally:
         col.close()
-    sites = [_site_row(s, tok, s.block in blocks) for s in col.sites.values()]
+    rows = [_site_row(s, tok, s.block in blocks) for s in col.sites.values()]
+    sites = [r for r in rows if ".experts." not in r["linears"][0]]
+    experts = expert_rows([r for r in rows if ".experts." in r["linears"][0]], model)
     timings["activations"], t = time.time() - t, time.time()
 
     log("analyze: weights ...")
@@ -136,6 +165,7 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
                   "persistent_rule": f"an outlier on >= {PERSISTENT_FRACTION:.0%} of the {len(tsets)} text sets"},
         "kind_labels": KIND_LABEL, "representative_blocks": list(blocks), "num_blocks": len(layers),
         "sites": sites,
+        "experts": experts,
         "weights": [{"name": n, "kind": linear_kind(n), "block": block_of[n], **wstats[n],
                      "rel_mse": werr[n]} for n in linears],
         "weight_schemes": WEIGHT_SCHEMES,

@@ -91,6 +91,16 @@ def findings(res: dict) -> list[str]:
         out.append(f"Sensitivity ({res['sensitivity']['scheme']}, one layer at a time): the {k} most sensitive layers "
                    f"({', '.join(r['name'].split('layers.')[-1] for r in sens[:3])}, ...) carry {share:.0%} of the summed KL; "
                    f"the most sensitive alone costs KL {sens[0]['kl']:.3f}, the median layer {_med([r['kl'] for r in sens]):.4f}.")
+    ex = res.get("experts") or []
+    if ex:
+        n = max(r["index"] for r in ex) + 1
+        busiest, idlest = max(ex, key=lambda r: r["share"]), min(ex, key=lambda r: r["share"])
+        spiky = max(ex, key=lambda r: r.get("down_max_over_median", 0))
+        out.append(f"Experts: {len(ex)} routed experts in {len({r['block'] for r in ex})} blocks; uniform routing would give "
+                   f"each {1 / n:.1%} of a block's tokens, but {busiest['expert']} gets {busiest['share']:.1%} and "
+                   f"{idlest['expert']} {idlest['share']:.1%} ({idlest.get('tokens', 0)} tokens: a GPTQ Hessian from so few "
+                   f"is why lowbit calibrates every expert on every token by default). The spikiest expert input is "
+                   f"{spiky['expert']}'s down_proj, {spiky.get('down_max_over_median', 0):.0f}x its median channel.")
     st = res["studies"]
     g = {(r["bits"], r["granularity"]): r["rel_mse"] for r in st["weights_error_vs_bits"]}
     if (4, "tensor") in g and (4, "g64") in g:

@@ -222,6 +222,7 @@ def render(res: dict) -> str:
                for s in sorted(res["sites"], key=lambda s: -s["token"]["max_absmax"])[:10]],
               [("site", "layer input"), ("first", "first-token mean absmax"), ("other", "other tokens"),
                ("max", "max token absmax"), ("top", "largest tokens (token@position)")]),
+        *_experts_section(res),
         "<h2>Weights vs activations</h2>", _img(_error_by_block(res), "error by block"),
         "<h2>Per-layer sensitivity</h2>", _img(_sensitivity_plot(res), "sensitivity"),
         table(sorted(res["sensitivity"]["rows"], key=lambda r: -r["kl"])[:10],
@@ -243,6 +244,33 @@ def render(res: dict) -> str:
     parts.append(probes_section(res["probes"]))
     parts.append(_FOOT)
     return "\n".join(parts)
+
+
+def _experts_section(res: dict) -> list[str]:
+    """Mixture-of-experts models: token load per expert (a heatmap over blocks) and the experts
+    whose inputs carry the largest outliers."""
+    ex = res.get("experts") or []
+    if not ex:
+        return []
+    plt = _plt()
+    blocks = sorted({r["block"] for r in ex})
+    n = max(r["index"] for r in ex) + 1
+    grid = [[0.0] * n for _ in blocks]
+    for r in ex:
+        grid[blocks.index(r["block"])][r["index"]] = r["share"]
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.25 * n), 1 + 0.3 * len(blocks)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("block")
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_title(f"share of each block's routed tokens (uniform: {1 / n:.1%})")
+    fig.colorbar(im, ax=ax)
+    cols = [("expert", "expert"), ("tokens", "tokens routed"), ("share", "share"), ("gate_up_max_over_median", "gate/up input max/median"),
+            ("gate_up_outlier_channels", "outlier channels"), ("down_max_over_median", "down input max/median"),
+            ("down_outlier_channels", "outlier channels")]
+    return ["<h2>Experts</h2>", _img(_fig_uri(fig), "expert load"),
+            "<p>The least-loaded experts (the fewest calibration tokens) and the spikiest expert inputs:</p>",
+            table(sorted(ex, key=lambda r: r["share"])[:5] + sorted(ex, key=lambda r: -r.get("down_max_over_median", 0))[:5], cols)]
 
 
 def write_report(res: dict, out: str | Path) -> tuple[Path, Path]:
