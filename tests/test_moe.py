@@ -14,6 +14,7 @@ import lowbit
 from lowbit.api import make_recipe
 from lowbit.errors import UserError
 from lowbit.io.lowbit_dir import load_quantized
+from lowbit.models.adapters import linear_weight
 from lowbit.models.moe import RoutedExperts, unfuse_experts
 from lowbit.runtime.qlinear import QuantLinear, quantized_modules
 
@@ -310,3 +311,36 @@ def test_analysis_reports_each_experts_load_and_outliers(embedded, tmp_path):
     assert "<h2>Experts</h2>" in page and "share of each block" not in page  # the plot title is inside the PNG
     from lowbit.analysis.findings import findings
     assert any(f.startswith("Experts: 8 routed experts in 2 blocks") for f in findings(res))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_awq_and_smoothquant_fold_one_scale_into_the_router_and_every_expert(family):
+    """The post-attention norm feeds the router and all experts: one scale per input channel for
+    all of them, the router's columns multiplied back so routing is unchanged; each expert
+    folds up_proj into down_proj. Folding alone leaves the float model's function as it was."""
+    from lowbit.algorithms.smooth import fold_groups
+    from lowbit.models.adapters import attention_heads
+
+    m = tiny(family)
+    u = copy.deepcopy(m)
+    unfuse_experts(u)
+    block = u.model.layers[0]
+    names = {id(mod): n for n, mod in u.named_modules()}
+    groups = fold_groups(block, names, attention_heads(u), "awq")
+    post = next(g for g in groups if g.prev is block.post_attention_layernorm)
+    assert len(post.readers) == 2 * 4 and post.also == (block.mlp.gate,)
+    assert sum(g.prev_is_norm is False and ".experts." in next(iter(g.readers)) for g in groups) == 4
+    with torch.no_grad():
+        ids = _ids(2, 16)
+        ref = u(ids).logits
+        g = torch.Generator().manual_seed(0)
+        for grp in groups:  # arbitrary positive scales
+            n = grp.prev.weight.shape[0] if grp.prev_is_norm else linear_weight(grp.prev).shape[0]
+            grp.fold(torch.rand(n, generator=g) * 4 + 0.25)
+        torch.testing.assert_close(u(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    for method in ("awq", "smoothquant"):
+        scheme = "w8a16-g32" if method == "awq" else "w8a8"
+        res = lowbit.quantize(copy.deepcopy(m), scheme, method, progress=False, calib_ids=_ids(8, 32, seed=2), batch_size=4)
+        assert any(len(r["readers"]) == 8 for r in res.info[method])
+        with torch.no_grad():
+            assert _kl(m(_ids()).logits, res.model.float()(_ids()).logits) < 0.01

@@ -11,7 +11,10 @@ Folding places in a Llama block:
     input_layernorm -> q, k, v        post_attention_layernorm -> gate, up
     v_proj rows -> o_proj columns     up_proj rows -> down_proj columns
 With grouped-query attention one v row feeds several o columns (one per query head
-of its group), so those columns share one scale.
+of its group), so those columns share one scale. In a mixture-of-experts block the
+post-attention norm feeds the router and every expert (and shared expert): one scale per
+input channel for all of them, the router's columns multiplied too (it stays float, so
+routing is unchanged); each expert folds its own up_proj rows into its down_proj.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from torch import nn
 
 from lowbit.core.qparams import fake_quantize
 from lowbit.core.scheme import Scheme
+from lowbit.errors import UserError
 from lowbit.models.adapters import linear_weight, llama_parts, set_linear_weight
+from lowbit.models.moe import RoutedExperts
 from lowbit.quantization.runner import InputStats
 
 AWQ_GRID = tuple(i / 20 for i in range(20))  # exponents 0, 0.05, ..., 0.95 (AWQ's grid)
@@ -37,6 +42,7 @@ class FoldGroup:
     readers: dict[str, nn.Module]  # every Linear reading the tensor, by full name
     kv_groups: int = 1  # o_proj after v_proj: query heads per key/value head
     head_dim: int = 0
+    also: tuple[nn.Module, ...] = ()  # other readers ([out, in] weights, e.g. a MoE router): folded, never scored
 
     def expand(self, s: torch.Tensor) -> torch.Tensor:
         """A scale in prev's output space -> the readers' input space (GQA: repeat per query head)."""
@@ -68,27 +74,47 @@ class FoldGroup:
                     self.prev.bias.div_(s.to(self.prev.bias.dtype))
             for m in self.readers.values():
                 set_linear_weight(m, linear_weight(m).float() * s_in[None, :])
+            for m in self.also:
+                m.weight.mul_(s_in[None, :].to(m.weight.dtype))
         return s_in
 
 
 def fold_groups(block: nn.Module, full_names: dict[int, str], heads: tuple[int, int, int], what: str) -> list[FoldGroup]:
-    """The four fold places of a Llama block; `full_names` maps id(module) -> its model-level name."""
-    p = llama_parts(block, what)
+    """The fold places of a Llama-style block (or its mixture-of-experts kin); `full_names`
+    maps id(module) -> its model-level name."""
+    experts = getattr(getattr(block, "mlp", None), "experts", None)
+    p = llama_parts(block, what, mlp=not isinstance(experts, RoutedExperts))
     n, kv, hd = heads
 
     def named(*mods):
         return {full_names.get(id(m), f"<{i}>"): m for i, m in enumerate(mods)}
 
-    return [
+    groups = [
         FoldGroup(p["input_norm"], True, named(p["q"], p["k"], p["v"])),
         FoldGroup(p["v"], False, named(p["o"]), kv_groups=n // kv, head_dim=hd),
-        FoldGroup(p["post_norm"], True, named(p["gate"], p["up"])),
-        FoldGroup(p["up"], False, named(p["down"])),
     ]
+    if not isinstance(experts, RoutedExperts):
+        return groups + [FoldGroup(p["post_norm"], True, named(p["gate"], p["up"])),
+                         FoldGroup(p["up"], False, named(p["down"]))]
+    mlp = block.mlp
+    mlps = [experts.get_submodule(str(e)) for e in range(experts.num_experts)]
+    mlps += [m for a in ("shared_expert", "shared_experts") if isinstance(m := getattr(mlp, a, None), nn.Module)]
+    if not all(isinstance(getattr(m, f"{q}_proj", None), nn.Linear) for m in mlps for q in ("gate", "up", "down")):
+        raise UserError(f"{what} folds into experts with gate/up/down_proj Linears; {type(mlp).__name__} has others")
+    router = getattr(mlp, "gate", None)
+    if not isinstance(getattr(router, "weight", None), torch.Tensor) or router.weight.dim() != 2:
+        raise UserError(f"{what}: {type(mlp).__name__} has no router weight to fold its scale into")
+    also = (router,) + tuple(m for a in ("shared_expert_gate",) if isinstance(m := getattr(mlp, a, None), nn.Linear))
+    readers = named(*(getattr(m, f"{q}_proj") for m in mlps for q in ("gate", "up")))
+    return groups + [FoldGroup(p["post_norm"], True, readers, also=also)] + \
+        [FoldGroup(m.up_proj, False, named(m.down_proj)) for m in mlps]
 
 
 def _group_stats(g: FoldGroup, stats: dict[str, InputStats]) -> InputStats | None:
-    return next((stats[n] for n in g.readers if stats.get(n) is not None), None)
+    """The statistics of the tensor the group reads: its reader that saw the most rows (a MoE
+    router's input: every expert shows all tokens by default, a shared expert always does)."""
+    seen = [stats[n] for n in g.readers if stats.get(n) is not None]
+    return max(seen, key=lambda st: st.n) if seen else None
 
 
 def smoothquant_scales(g: FoldGroup, st: InputStats, alpha: float) -> torch.Tensor:

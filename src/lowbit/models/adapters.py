@@ -77,15 +77,16 @@ def is_rms_norm(m: nn.Module) -> bool:
     return name.endswith("RMSNorm") and "Gemma" not in name and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
-def llama_parts(block: nn.Module, what: str) -> dict[str, nn.Module]:
+def llama_parts(block: nn.Module, what: str, mlp: bool = True) -> dict[str, nn.Module]:
     """The pieces of a Llama-style block (RMSNorm before attention and MLP, q/k/v/o, gate/up/down)
-    that folding scales or rotations needs, or a clear error naming `what` cannot run."""
-    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    that folding scales or rotations needs, or a clear error naming `what` cannot run.
+    `mlp=False`: the attention half only (a mixture-of-experts block brings its own MLP parts)."""
+    attn, ffn = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     parts = {
         "input_norm": getattr(block, "input_layernorm", None),
         "post_norm": getattr(block, "post_attention_layernorm", None),
         **{p: getattr(attn, f"{p}_proj", None) for p in ("q", "k", "v", "o")},
-        **{p: getattr(mlp, f"{p}_proj", None) for p in ("gate", "up", "down")},
+        **({p: getattr(ffn, f"{p}_proj", None) for p in ("gate", "up", "down")} if mlp else {}),
     }
     missing = [k for k, v in parts.items() if v is None]
     if missing or not (is_rms_norm(parts["input_norm"]) and is_rms_norm(parts["post_norm"])):
