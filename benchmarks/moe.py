@@ -95,16 +95,6 @@ def write_checkpoint(shape: str, d: Path, shard_bytes: int = 1 << 30) -> dict:
     return {"params": params, "seconds": time.time() - t0, "reused": False}
 
 
-def read_bandwidth() -> float:
-    """DRAM read bandwidth, GB/s: a sum over a buffer 4x the last-level cache (at least 1 GiB)."""
-    from lowbit.evaluate.bench import _best
-    from lowbit.evaluate.host import cache_sizes
-
-    n = max(1 << 30, 4 * max(cache_sizes().values(), default=0))
-    a = torch.ones(n // 4, dtype=torch.float32)
-    return n / _best(lambda: a.sum(), 5) / 1e9
-
-
 def predicted(d: Path, scheme: str | None, bw: float) -> dict:
     from lowbit.core.scheme import Recipe, Scheme
     from lowbit.plan.planner import _stored_bytes, read_model
@@ -130,6 +120,8 @@ def main():
 
     d, out = Path(a.dir), Path(f"{a.dir}-{a.scheme}")
     ck = write_checkpoint(a.shape, d)
+    from lowbit.evaluate.bench import read_bandwidth
+
     bw = read_bandwidth()
     res = {"host": host_info(), "threads": torch.get_num_threads(), "shape": a.shape, "config": SHAPES[a.shape],
            "scheme": a.scheme, "checkpoint": ck, "checkpoint_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),

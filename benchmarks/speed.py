@@ -27,7 +27,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
-from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants  # noqa: E402
+from lowbit.evaluate.bench import (  # noqa: E402
+    cold_bytes,
+    copy_bandwidth,
+    end_to_end,
+    format_speed,
+    gemv_bench,
+    read_bandwidth,
+    speed_variants,
+)
 from lowbit.evaluate.host import host_info  # noqa: E402
 from lowbit.io.interop import llamacpp  # noqa: E402
 from lowbit.io.interop.gguf_io import export_gguf  # noqa: E402
@@ -58,9 +66,11 @@ def main():
     shutil.rmtree(tmp)
     stack = [(4096, 4096), (11008, 4096)]
     roof = copy_bandwidth()  # measured next to the microbenchmarks it divides: it drifts on a shared host
-    print(f"roof {roof:.1f} GB/s", file=sys.stderr)
+    read_roof = read_bandwidth()
+    print(f"roof {roof:.1f} GB/s copy, {read_roof:.1f} GB/s read (over {cold_bytes() >> 20} MiB)", file=sys.stderr)
     res = {
-        "host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e,
+        "host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "read_roof_gb_per_s": read_roof,
+        "cold_bytes": cold_bytes(), "variants": e2e,
         "llama_cpp": {"sdist": llamacpp.SDIST, "before": before, "after": after} if peer else None,
         "gemv": gemv_bench(stack, roof, batch=1, group_size=128),
         "gemm_prefill": [r for b in (32, 128) for r in gemv_bench(stack, roof, batch=b, group_size=128,

@@ -15,7 +15,15 @@ from lowbit.analysis.report import write_report
 from lowbit.api import load, make_recipe, quantize
 from lowbit.core.scheme import GGUF_PRESETS, Recipe, Scheme
 from lowbit.errors import UserError
-from lowbit.evaluate.bench import copy_bandwidth, end_to_end, format_speed, gemv_bench, speed_variants
+from lowbit.evaluate.bench import (
+    cold_bytes,
+    copy_bandwidth,
+    end_to_end,
+    format_speed,
+    gemv_bench,
+    read_bandwidth,
+    speed_variants,
+)
 from lowbit.evaluate.compare import compare, format_quality_table
 from lowbit.evaluate.host import host_info
 from lowbit.evaluate.quality import evaluate_many
@@ -331,15 +339,16 @@ def cmd_bench(args) -> int:
         make_recipe(s, "rtn")
     lens = [int(n) for n in args.prompt_lens.split(",") if n.strip()]
     log(f"measuring copy bandwidth ({torch.get_num_threads()} threads) ...")
-    roof = copy_bandwidth()
+    roof, read_roof = copy_bandwidth(), read_bandwidth()
     _, tok = load(args.model)
     log("building variants ...")
     models = speed_variants(args.model, schemes, args.lm_head)
     log("decode / prefill ...")
     e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=lens)
-    res = {"host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "variants": e2e}
+    res = {"host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "read_roof_gb_per_s": read_roof,
+           "cold_bytes": cold_bytes(), "variants": e2e}
     if not args.no_micro:
-        log("GEMV microbenchmarks (weights rotated through 256 MiB) ...")
+        log(f"GEMV microbenchmarks (weights rotated through {cold_bytes() >> 20} MiB, 4x the last-level cache) ...")
         res["gemv"] = gemv_bench([(4096, 4096)], roof)
     if args.json:
         print(json.dumps(res, indent=1))

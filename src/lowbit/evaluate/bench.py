@@ -21,7 +21,15 @@ from torch import nn
 from lowbit.runtime.attention import register as register_attention
 from lowbit.runtime.generate import decode_engine, generate
 
-LLC_BYTES = 256 * 2**20  # rotate through at least this much weight data (well past any L3 here)
+MIN_COLD_BYTES = 256 * 2**20
+
+
+def cold_bytes() -> int:
+    """Data to sweep so that nothing stays cached: 4x this host's last-level cache (sysfs),
+    at least 256 MiB (a Xeon's 480 MiB L3 holds a whole small model and a 256 MiB sweep)."""
+    from lowbit.evaluate.host import cache_sizes
+
+    return max(MIN_COLD_BYTES, 4 * max(cache_sizes().values(), default=0))
 
 
 def _best(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
@@ -36,12 +44,21 @@ def _best(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
     return times[len(times) // 2]  # median: robust to a stray scheduler hiccup
 
 
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 7) -> float:
-    """STREAM 'copy' bandwidth in GB/s (bytes read + bytes written)."""
+def copy_bandwidth(nbytes: int | None = None, repeat: int = 7) -> float:
+    """STREAM 'copy' bandwidth in GB/s (bytes read + bytes written), over cold_bytes() by default."""
+    nbytes = nbytes or cold_bytes()
     a = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
     b = torch.empty_like(a)
     t = _best(lambda: b.copy_(a), repeat)
     return 2 * nbytes / t / 1e9
+
+
+def read_bandwidth(nbytes: int | None = None, repeat: int = 7) -> float:
+    """DRAM read bandwidth in GB/s (a sum over cold_bytes() by default): the roof a
+    weight-streaming GEMV, which only reads, can reach."""
+    nbytes = nbytes or cold_bytes()
+    a = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / _best(lambda: a.sum(), repeat) / 1e9
 
 
 def gemv_variants(n: int, k: int, group_size: int = 128, seed: int = 0) -> dict[str, tuple[Callable, int, Callable]]:
@@ -77,8 +94,10 @@ def gemv_variants(n: int, k: int, group_size: int = 128, seed: int = 0) -> dict[
 
 
 def gemv_bench(shapes: list[tuple[int, int]], roof_gb_s: float, batch: int = 1, group_size: int = 128,
-               min_bytes: int = LLC_BYTES, variants: list[str] | None = None) -> list[dict]:
-    """Per (shape, variant): seconds per GEMV over cache-cold weights, GB/s, % of roof."""
+               min_bytes: int | None = None, variants: list[str] | None = None) -> list[dict]:
+    """Per (shape, variant): seconds per GEMV over cache-cold weights (rotated through
+    cold_bytes() of copies), GB/s, % of roof."""
+    min_bytes = min_bytes or cold_bytes()
     rows = []
     for n, k in shapes:
         for name, (make, nbytes, run) in gemv_variants(n, k, group_size).items():
