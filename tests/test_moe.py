@@ -344,3 +344,24 @@ def test_awq_and_smoothquant_fold_one_scale_into_the_router_and_every_expert(fam
         assert any(len(r["readers"]) == 8 for r in res.info[method])
         with torch.no_grad():
             assert _kl(m(_ids()).logits, res.model.float()(_ids()).logits) < 0.01
+
+
+def test_checkpoint_names_come_from_transformers_conversion_mapping():
+    """The in-memory <-> checkpoint name map is transformers' own load-time conversion run
+    backwards on a probe (no rename table in lowbit): Mixtral's experts and router get their
+    on-disk names, Qwen3-MoE's names are already the checkpoint's, gpt-oss stores experts fused."""
+    from lowbit.models.disk_names import disk_names
+
+    mix = disk_names(CONFIGS["mixtral"]())
+    assert mix.disk("model.layers.1.mlp.experts.3.gate_proj.weight") == "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+    assert mix.disk("model.layers.1.mlp.experts.3.up_proj.weight") == "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+    assert mix.disk_module("model.layers.0.mlp.experts.2.down_proj") == "model.layers.0.block_sparse_moe.experts.2.w2"
+    assert mix.disk("model.layers.0.mlp.gate.weight") == "model.layers.0.block_sparse_moe.gate.weight"
+    assert mix.disk("model.layers.0.mlp.experts.2.down_proj.weight_scale") == "model.layers.0.block_sparse_moe.experts.2.w2.weight_scale"
+    assert mix.memory("model.layers.0.block_sparse_moe.experts.2.w2.qweight") == "model.layers.0.mlp.experts.2.down_proj.qweight"
+    assert not mix.fused_on_disk and len(mix.to_disk) == len({*mix.to_disk.values()})
+    qwen = disk_names(CONFIGS["qwen3_moe"]())
+    assert all(m == d for m, d in qwen.to_disk.items()) and "model.layers.1.mlp.experts.3.up_proj.weight" in qwen.to_disk
+    oss = disk_names(CONFIGS["gpt_oss"]())
+    assert oss.fused_on_disk["model.layers.0.mlp.experts.gate_up_proj"][:2] == [
+        "model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.0.mlp.experts.0.up_proj.weight"]
