@@ -25,8 +25,8 @@ import torch
 from bigmodel import run  # noqa: E402  (this folder is sys.path[0])
 
 SHAPES = {
-    # Mixtral-8x7B's structure (8 experts, top-2, GQA 32/8 -> 16/4) at a quarter of its width: ~1.6 B parameters, ~3.2 GB bf16
-    "mixtral-1.6b": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=12, num_attention_heads=16,
+    # Mixtral-8x7B's structure (8 experts, top-2, GQA 32/8 -> 16/4) at a quarter of its width: 1.19 B parameters, 2.4 GB bf16
+    "mixtral-1.2b": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=12, num_attention_heads=16,
                          num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=49152),
     # for a quick look
     "mixtral-0.2b": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
@@ -109,7 +109,7 @@ def predicted(d: Path, scheme: str | None, bw: float) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=list(SHAPES), default="mixtral-1.6b")
+    ap.add_argument("--shape", choices=list(SHAPES), default="mixtral-1.2b")
     ap.add_argument("--dir", default="/tmp/lowbit-mixtral", help="where the synthetic checkpoint goes (reused if there)")
     ap.add_argument("--scheme", default="w4a16-g128")
     ap.add_argument("--new-tokens", type=int, default=32)
