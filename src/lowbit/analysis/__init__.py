@@ -65,11 +65,10 @@ def _site_row(site, tokenizer, keep_channels: bool) -> dict:
     return row
 
 
-def expert_rows(rows: list[dict], model) -> list[dict]:
+def expert_rows(rows: list[dict]) -> list[dict]:
     """One row per routed expert: the tokens its router sent it (its share of the block's
     routed tokens; uniform routing gives each 1/E) and what its gate/up and down_proj inputs
     look like (the largest channel over the median one, outlier channels)."""
-    k = next((getattr(model.config, a) for a in ("num_experts_per_tok", "moe_topk") if getattr(model.config, a, None)), 1)
     out: dict[str, dict] = {}
     for r in rows:
         expert = r["linears"][0].rsplit(".", 1)[0]
@@ -84,9 +83,9 @@ def expert_rows(rows: list[dict], model) -> list[dict]:
     for row in out.values():
         by_block.setdefault(row["block"], []).append(row)
     for rs in by_block.values():
-        total = sum(r.get("tokens", 0) for r in rs) / k  # every token goes to k experts
+        total = sum(r.get("tokens", 0) for r in rs)  # every token counted once per expert it reaches (top-k)
         for r in rs:
-            r["share"] = r.get("tokens", 0) / total / k if total else 0.0
+            r["share"] = r.get("tokens", 0) / total if total else 0.0
     return sorted(out.values(), key=lambda r: (r["block"], r["index"]))
 
 
@@ -126,7 +125,7 @@ def analyze(source: str, *, text: str = "wiki", text_field: str = "text", seq_le
         col.close()
     rows = [_site_row(s, tok, s.block in blocks) for s in col.sites.values()]
     sites = [r for r in rows if ".experts." not in r["linears"][0]]
-    experts = expert_rows([r for r in rows if ".experts." in r["linears"][0]], model)
+    experts = expert_rows([r for r in rows if ".experts." in r["linears"][0]])
     timings["activations"], t = time.time() - t, time.time()
 
     log("analyze: weights ...")
