@@ -263,7 +263,7 @@ def run(job: QuantizeJob, source: str | nn.Module, out: str | os.PathLike | None
     from lowbit.models.load import resolve_source
 
     plan = job.plan
-    check_imatrix_options(job)
+    check_method_options(job)
     if job.calibrated and calib_ids is None:
         check_text_source(job.calibration.text)
     kind, path = (None, None) if isinstance(source, nn.Module) else resolve_source(source)
@@ -387,8 +387,8 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
     return QuantizeResult(info, info["seconds"], out, model, tok) if dist_rank_world()[0] == 0 else None
 
 
-def check_imatrix_options(job: QuantizeJob) -> None:
-    """Before any work: what --imatrix / --imatrix-out can mean for this job."""
+def check_method_options(job: QuantizeJob) -> None:
+    """Before any work: what --expert-calibration, --imatrix and --imatrix-out can mean for this job."""
     m = job.method
     if m.expert_calibration not in ("all-tokens", "routed"):
         raise UserError(f"expert_calibration {m.expert_calibration!r}: choose 'all-tokens' or 'routed'")
