@@ -39,17 +39,25 @@ SHAPES = {
 
 def write_checkpoint(shape: str, d: Path, shard_bytes: int = 2 << 30) -> dict:
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lowbit.models.load import embedded_dir
 
     cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192,
                       torch_dtype="bfloat16")
     with init_empty_weights():
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    return write_random(d, cfg, shapes, shard_bytes)
+
+
+def write_random(d: Path, cfg, shapes: dict[str, tuple], shard_bytes: int) -> dict:
+    """A checkpoint of random bf16 tensors (Linears N(0, 0.02), norms 1) with these names and
+    shapes, in shards with an index, the config and the embedded tokenizer; reused if there."""
+    from safetensors.torch import save_file
+
+    from lowbit.models.load import embedded_dir
+
+    params = sum(_numel(s) for s in shapes.values())
     if (d / "model.safetensors.index.json").is_file():
-        return {"params": sum(_numel(s) for s in shapes.values()), "seconds": 0.0, "reused": True}
+        return {"params": params, "seconds": 0.0, "reused": True}
     d.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     t0 = time.time()
@@ -80,7 +88,7 @@ def write_checkpoint(shape: str, d: Path, shard_bytes: int = 2 << 30) -> dict:
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, d / f.name)
-    return {"params": sum(_numel(s) for s in shapes.values()), "seconds": time.time() - t0, "reused": False}
+    return {"params": params, "seconds": time.time() - t0, "reused": False}
 
 
 def _numel(s) -> int:

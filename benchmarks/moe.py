@@ -17,12 +17,11 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bigmodel import run  # noqa: E402  (this folder is sys.path[0])
+from bigmodel import run, write_random  # noqa: E402  (this folder is sys.path[0])
 
 SHAPES = {
     # Mixtral-8x7B's structure (8 experts, top-2, GQA 32/8 -> 16/4) at a quarter of its width: 1.19 B parameters, 2.4 GB bf16
@@ -49,13 +48,11 @@ print(json.dumps({"engine": r["engine"], "decode_tokens_per_s": r["decode_tokens
 
 
 def write_checkpoint(shape: str, d: Path, shard_bytes: int = 1 << 30) -> dict:
-    """Random bf16 weights (Linears N(0, 0.02), norms 1) under the names transformers saves Mixtral with."""
+    """Random bf16 weights under the names transformers saves Mixtral with (per-expert w1/w2/w3)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from lowbit.models.disk_names import DiskNames
-    from lowbit.models.load import embedded_dir
     from lowbit.models.moe import unfuse_experts
 
     cfg = MixtralConfig(**SHAPES[shape], tie_word_embeddings=False, max_position_embeddings=4096, sliding_window=None,
@@ -64,35 +61,7 @@ def write_checkpoint(shape: str, d: Path, shard_bytes: int = 1 << 30) -> dict:
         model = MixtralForCausalLM(cfg)
     names = DiskNames(model)
     unfuse_experts(model, copy_weights=False)
-    shapes = {names.disk(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    params = sum(torch.Size(s).numel() for s in shapes.values())
-    if (d / "model.safetensors.index.json").is_file():
-        return {"params": params, "seconds": 0.0, "reused": True}
-    d.mkdir(parents=True, exist_ok=True)
-    g, t0 = torch.Generator().manual_seed(0), time.time()
-    weight_map, shard, size = {}, {}, 0
-
-    def flush():
-        nonlocal shard, size
-        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(shard, str(d / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        shard, size = {}, 0
-
-    for k, s in shapes.items():
-        shard[k] = torch.ones(s, dtype=torch.bfloat16) if k.endswith("norm.weight") else \
-            (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
-        size += shard[k].numel() * 2
-        if size >= shard_bytes:
-            flush()
-    if shard:
-        flush()
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    cfg.save_pretrained(d)
-    for f in embedded_dir("smollm2-135m").iterdir():  # a tokenizer whose ids fit the vocabulary
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, d / f.name)
-    return {"params": params, "seconds": time.time() - t0, "reused": False}
+    return write_random(d, cfg, {names.disk(k): tuple(v.shape) for k, v in model.state_dict().items()}, shard_bytes)
 
 
 def predicted(d: Path, scheme: str | None, bw: float) -> dict:

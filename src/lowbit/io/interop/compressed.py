@@ -24,7 +24,7 @@ from lowbit.core.scheme import Scheme
 from lowbit.core.tensor import QuantizedTensor, pack_codes
 from lowbit.errors import UserError
 from lowbit.io.interop.checkpoint import assemble, checkpoint_names, float_tensors, read_checkpoint, write_checkpoint
-from lowbit.models.disk_names import disk_names
+from lowbit.models.disk_names import DiskNames
 from lowbit.models.moe import is_moe_config, unfuse_experts
 
 
@@ -198,8 +198,8 @@ def import_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):  # only the module names matter here
         skeleton = AutoModelForCausalLM.from_config(config)
+    names = DiskNames(skeleton) if is_moe_config(config) else None  # from this skeleton: no second meta model
     unfuse_experts(skeleton, copy_weights=False)  # read_checkpoint named the experts per expert
-    names = disk_names(config) if is_moe_config(config) else None
     memory = (lambda ts: [names.memory_module(t) for t in ts]) if names is not None else (lambda ts: ts)  # module names only
     qts = {}
     for group in qc.config_groups.values():
