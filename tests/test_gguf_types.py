@@ -80,6 +80,22 @@ def test_signed_range_search_uses_the_whole_int4_grid():
     assert torch.linalg.norm(qt.dequantize() - x) < 0.93 * torch.linalg.norm(plain.dequantize() - x)
 
 
+def test_weights_on_a_coarser_affine_grid_land_exactly_on_a_finer_one():
+    """Weights already on a 4-bit g32 affine grid (a Q4_1 or QAT checkpoint): 31 = 2 x 15 + 1, so
+    Q5_1 holds them exactly once the search tries the range over 30 steps, and Q5_K comes within
+    its 6-bit sub-block scales (about Q4_K's error, not 5x it: the range shrink alone misses it)."""
+    g = torch.Generator().manual_seed(0)
+    lo = (-torch.rand(64, 8, 1, generator=g) * 0.05).half().float()  # fp16 scale and min, as Q4_1 stores
+    step = (torch.rand(64, 8, 1, generator=g) * 0.01 + 1e-3).half().float()
+    codes = torch.randint(0, 16, (64, 8, 32), generator=g).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans its whole grid
+    w = (lo + step * codes).reshape(64, 256)
+    rel = lambda s: float((quantize_tensor(w, s).dequantize() - w).pow(2).sum() / w.pow(2).sum())  # noqa: E731
+    assert rel("q4_1") < 1e-9
+    assert rel("q5_1") < 1e-9
+    assert rel("q5_k") < 1.5 * rel("q4_k")
+
+
 def test_iq4_nl_grid_is_llama_cpps_table():
     s = Scheme.parse("iq4_nl")
     assert s.number_format.grid().tolist() == [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]

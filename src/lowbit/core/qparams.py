@@ -198,6 +198,8 @@ def _candidates(lo: torch.Tensor, hi: torch.Tensor, grid, scheme: Scheme):
     the range itself, absmax / 7 on int4, is coarser than both and is tried at p = 1 only, so
     the search never does worse)."""
     ps = torch.tensor(grid, dtype=torch.float32).view(-1, *([1] * lo.dim()))
+    if scheme.has_zero_point:
+        return _cat_candidates(qparams_from_range(lo * ps, hi * ps, scheme), _nested_candidates(lo, hi, scheme))
     if not signed_range(scheme):
         return qparams_from_range(lo * ps, hi * ps, scheme)
     gmin, gmax = scheme.number_format.grid_range()
@@ -206,6 +208,24 @@ def _candidates(lo: torch.Tensor, hi: torch.Tensor, grid, scheme: Scheme):
     s = torch.cat([pos, -neg])
     s = round_scale(torch.where(s != 0, s, torch.ones_like(s)), scheme)
     return torch.cat([qparams_from_range(lo, hi, scheme)[0].unsqueeze(0), s]), None
+
+
+# An affine grid of 2^b - 1 steps also tries the group's range over this many steps fewer, from
+# its minimum: weights that already lie on a coarser grid (a Q4_1 or QAT checkpoint: 15 steps)
+# then land exactly on a finer one (31 - 1 = 2 x 15 for the 5-bit types). Shrinking the range,
+# as the clip grid does, never finds that scale; llama.cpp's K-quant search spans the same +-1 step.
+NESTED_STEPS = (1, 2)
+
+
+def _nested_candidates(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme):
+    qmax = (1 << scheme.number_format.bits) - 1
+    stretch = torch.tensor([qmax / (qmax - j) for j in NESTED_STEPS if qmax > j], dtype=torch.float32)
+    stretch = stretch.view(-1, *([1] * lo.dim()))
+    return qparams_from_range(lo.expand_as(hi * stretch), lo + (hi - lo) * stretch, scheme)
+
+
+def _cat_candidates(*candidates):
+    return torch.cat([s for s, _ in candidates]), torch.cat([z for _, z in candidates])
 
 
 # the candidates of a clip search are scored this many elements at a time (a tensor times its
