@@ -31,6 +31,9 @@ CONFIGS = {
     # [experts, in, out] weights with biases, interleaved gate/up, a clamped GLU
     "gpt_oss": lambda: T.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                       layer_types=["sliding_attention", "full_attention"], **COMMON),
+    # its own experts forward: every expert on sigmoid-scaled inputs, plus a shared expert
+    "llama4_text": lambda: T.Llama4TextConfig(intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4,
+                                              num_experts_per_tok=1, head_dim=16, **COMMON),
 }
 
 
@@ -105,7 +108,7 @@ def _routed_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tenso
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llama4_text"])
 def test_gptq_per_expert_output_error_below_rtn_on_routed_inputs(family):
     m = tiny(family)
     calib = _ids(16, 32, seed=2)
@@ -122,7 +125,8 @@ def test_gptq_per_expert_output_error_below_rtn_on_routed_inputs(family):
         if method == "gptq":
             tokens = res.info["expert_tokens"]
             assert tokens["max"] > 0 and len(tokens["per_expert"]) == 2 * 4
-            assert sum(tokens["per_expert"].values()) == 2 * 16 * 32 * 2  # every token reaches top-2 experts in each of 2 layers
+            # every token reaches its top-k experts in each of 2 layers
+            assert sum(tokens["per_expert"].values()) == 2 * 16 * 32 * m.config.num_experts_per_tok
     assert err["gptq"] < err["rtn"]
 
 
@@ -210,17 +214,18 @@ def test_streamed_moe_checkpoint_equals_in_memory(family, embedded, tmp_path):
         assert torch.equal(streamed(ids).logits, ref(ids).logits)
 
 
-def test_experts_fused_on_disk_quantize_in_memory(tmp_path):
-    """gpt-oss stores all experts in one tensor: the default run loads it whole, and insisting on
-    streaming names the tensor."""
+@pytest.mark.parametrize("family,block", [("gpt_oss", "mlp"), ("llama4_text", "feed_forward")])
+def test_experts_fused_on_disk_quantize_in_memory(family, block, tmp_path):
+    """gpt-oss and Llama 4 store all experts in one tensor: the default run loads it whole, and
+    insisting on streaming names the tensor."""
     ckpt = tmp_path / "ckpt"
-    tiny("gpt_oss").save_pretrained(ckpt)
+    tiny(family).save_pretrained(ckpt)
     T.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()).save_pretrained(ckpt)
-    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.experts\.\w+ holds several experts in one tensor"):
+    with pytest.raises(UserError, match=rf"model\.layers\.0\.{block}\.experts\.\w+ holds several experts in one tensor"):
         lowbit.quantize(str(ckpt), "w4a16-g32", "rtn", progress=False, out=tmp_path / "s", stream=True)
     res = lowbit.quantize(str(ckpt), "w4a16-g32", "rtn", progress=False, out=tmp_path / "m")
     assert "resumed_from_block" not in res.info  # loaded whole, not streamed
-    assert _expert_params(tiny("gpt_oss")) and sum(".experts." in n for n in load_quantized(tmp_path / "m")[2]["modules"]) == 2 * 4 * 3
+    assert _expert_params(tiny(family)) and sum(".experts." in n for n in load_quantized(tmp_path / "m")[2]["modules"]) == 2 * 4 * 3
 
 
 def _tokenizer():
@@ -261,6 +266,33 @@ def test_exports_name_each_expert_as_the_checkpoint_does_and_read_back(family, f
     assert all(torch.equal(qts[n].unpacked_codes(), ours[n].unpacked_codes()) for n in ours)
     with torch.no_grad():
         assert _kl(res.model.float()(_ids()).logits, model(_ids()).logits) < 1e-4  # float parts travel as fp16
+
+
+def test_llama4_experts_export_one_tensor_per_expert_as_vllms_unfused_loader_reads_them(tmp_path):
+    """Llama 4's float checkpoint stores experts fused, but vLLM's Llama 4 loader also takes one
+    tensor per expert projection (`feed_forward.experts.{e}.gate_proj`): the export writes those,
+    every other tensor under the float checkpoint's name, and reads back to the same codes."""
+    from safetensors import safe_open
+
+    from lowbit.io.interop import export_model, import_model
+
+    float_dir = tmp_path / "float"
+    tiny("llama4_text").save_pretrained(float_dir)
+    with safe_open(str(float_dir / "model.safetensors"), "pt") as h:
+        float_keys = set(h.keys())
+    res = lowbit.quantize(tiny("llama4_text"), "w4a16-g32", "rtn", progress=False)
+    export_model(res.model, None, "compressed-tensors", tmp_path / "x")
+    with safe_open(str(tmp_path / "x" / "model.safetensors"), "pt") as h:
+        keys = set(h.keys())
+    experts = {k for k in keys if ".experts." in k}
+    assert "model.layers.1.feed_forward.experts.3.down_proj.weight_packed" in experts and len(experts) == 2 * 4 * 3 * 3  # packed, scale, shape
+    assert {k for k in keys if k.endswith(".weight")} <= float_keys  # router, norms, embeddings: the float checkpoint's names
+    model, _, qts = import_model(tmp_path / "x")
+    ours = {n: m.qweight for n, m in quantized_modules(res.model).items()}
+    assert qts.keys() == ours.keys()
+    assert all(torch.equal(qts[n].unpacked_codes(), ours[n].unpacked_codes()) for n in ours)
+    with torch.no_grad():
+        assert _kl(res.model.float()(_ids()).logits, model(_ids()).logits) < 1e-4
 
 
 def test_experts_fused_in_the_checkpoint_format_are_refused_by_per_linear_exports(tmp_path):
@@ -313,7 +345,7 @@ def test_analysis_reports_each_experts_load_and_outliers(embedded, tmp_path):
     assert any(f.startswith("Experts: 8 routed experts in 2 blocks") for f in findings(res))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llama4_text"])
 def test_awq_and_smoothquant_fold_one_scale_into_the_router_and_every_expert(family):
     """The post-attention norm feeds the router and all experts: one scale per input channel for
     all of them, the router's columns multiplied back so routing is unchanged; each expert
@@ -328,7 +360,9 @@ def test_awq_and_smoothquant_fold_one_scale_into_the_router_and_every_expert(fam
     names = {id(mod): n for n, mod in u.named_modules()}
     groups = fold_groups(block, names, attention_heads(u), "awq")
     post = next(g for g in groups if g.prev is block.post_attention_layernorm)
-    assert len(post.readers) == 2 * 4 and post.also == (block.mlp.gate,)
+    moe = block.feed_forward if family == "llama4_text" else block.mlp
+    shared = 1 if family == "llama4_text" else 0  # Llama 4: a shared expert beside the routed ones, its router `router`
+    assert len(post.readers) == 2 * (4 + shared) and post.also == (getattr(moe, "router", None) or moe.gate,)
     assert sum(g.prev_is_norm is False and ".experts." in next(iter(g.readers)) for g in groups) == 4
     with torch.no_grad():
         ids = _ids(2, 16)
@@ -341,7 +375,7 @@ def test_awq_and_smoothquant_fold_one_scale_into_the_router_and_every_expert(fam
     for method in ("awq", "smoothquant"):
         scheme = "w8a16-g32" if method == "awq" else "w8a8"
         res = lowbit.quantize(copy.deepcopy(m), scheme, method, progress=False, calib_ids=_ids(8, 32, seed=2), batch_size=4)
-        assert any(len(r["readers"]) == 8 for r in res.info[method])
+        assert any(len(r["readers"]) == 2 * (4 + shared) for r in res.info[method])
         with torch.no_grad():
             assert _kl(m(_ids()).logits, res.model.float()(_ids()).logits) < 0.01
 

@@ -26,7 +26,7 @@ from torch import nn
 from lowbit.core.qparams import fake_quantize
 from lowbit.core.scheme import Scheme
 from lowbit.errors import UserError
-from lowbit.models.adapters import linear_weight, llama_parts, set_linear_weight
+from lowbit.models.adapters import block_mlp, linear_weight, llama_parts, set_linear_weight
 from lowbit.models.moe import RoutedExperts
 from lowbit.quantization.runner import InputStats
 
@@ -82,7 +82,8 @@ class FoldGroup:
 def fold_groups(block: nn.Module, full_names: dict[int, str], heads: tuple[int, int, int], what: str) -> list[FoldGroup]:
     """The fold places of a Llama-style block (or its mixture-of-experts kin); `full_names`
     maps id(module) -> its model-level name."""
-    experts = getattr(getattr(block, "mlp", None), "experts", None)
+    mlp = block_mlp(block)
+    experts = getattr(mlp, "experts", None)
     p = llama_parts(block, what, mlp=not isinstance(experts, RoutedExperts))
     n, kv, hd = heads
 
@@ -96,12 +97,11 @@ def fold_groups(block: nn.Module, full_names: dict[int, str], heads: tuple[int, 
     if not isinstance(experts, RoutedExperts):
         return groups + [FoldGroup(p["post_norm"], True, named(p["gate"], p["up"])),
                          FoldGroup(p["up"], False, named(p["down"]))]
-    mlp = block.mlp
     mlps = [experts.get_submodule(str(e)) for e in range(experts.num_experts)]
     mlps += [m for a in ("shared_expert", "shared_experts") if isinstance(m := getattr(mlp, a, None), nn.Module)]
     if not all(isinstance(getattr(m, f"{q}_proj", None), nn.Linear) for m in mlps for q in ("gate", "up", "down")):
         raise UserError(f"{what} folds into experts with gate/up/down_proj Linears; {type(mlp).__name__} has others")
-    router = getattr(mlp, "gate", None)
+    router = getattr(mlp, "gate", None) or getattr(mlp, "router", None)  # Llama 4 and gpt-oss call it router
     if not isinstance(getattr(router, "weight", None), torch.Tensor) or router.weight.dim() != 2:
         raise UserError(f"{what}: {type(mlp).__name__} has no router weight to fold its scale into")
     also = (router,) + tuple(m for a in ("shared_expert_gate",) if isinstance(m := getattr(mlp, a, None), nn.Linear))

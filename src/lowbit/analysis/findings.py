@@ -121,10 +121,10 @@ def findings(res: dict) -> list[str]:
                        f"own clip gives {c['per_group_search_rel_mse']:.1e}.")
     if "metadata_overhead" in st:
         m = {(r["granularity"], r["affine"]): r["overhead_bits"] for r in st["metadata_overhead"]["rows"]}
-        if ("g32", True) in m:
-            out.append(f"Metadata: fp16 scales cost {m[('g128', False)]:.3f} extra bits per weight at g128, "
-                       f"{m[('g64', False)]:.3f} at g64 and {m[('g32', False)]:.3f} at g32; affine zero points add "
-                       f"{m[('g32', True)] - m[('g32', False)]:.3f} more at g32.")
+        sizes = [g for g in ("g128", "g64", "g32") if (g, False) in m]  # a narrow model has no g128 row
+        if ("g32", True) in m and sizes:
+            out.append("Metadata: fp16 scales cost " + ", ".join(f"{m[(g, False)]:.3f} extra bits per weight at {g}" for g in sizes)
+                       + f"; affine zero points add {m[('g32', True)] - m[('g32', False)]:.3f} more at g32.")
     for name, cats in res["probes"]["by_category"].items():
         worst = min(cats.items(), key=lambda kv: (kv[1]["exact_match"], kv[1]["first_divergence"]))
         best = max(cats.items(), key=lambda kv: (kv[1]["exact_match"], kv[1]["first_divergence"]))

@@ -77,11 +77,16 @@ def is_rms_norm(m: nn.Module) -> bool:
     return name.endswith("RMSNorm") and "Gemma" not in name and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
+def block_mlp(block: nn.Module) -> nn.Module | None:
+    """A decoder block's MLP or MoE block (Llama 4 calls it feed_forward)."""
+    return getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+
+
 def llama_parts(block: nn.Module, what: str, mlp: bool = True) -> dict[str, nn.Module]:
     """The pieces of a Llama-style block (RMSNorm before attention and MLP, q/k/v/o, gate/up/down)
     that folding scales or rotations needs, or a clear error naming `what` cannot run.
     `mlp=False`: the attention half only (a mixture-of-experts block brings its own MLP parts)."""
-    attn, ffn = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    attn, ffn = getattr(block, "self_attn", None), block_mlp(block)
     parts = {
         "input_norm": getattr(block, "input_layernorm", None),
         "post_norm": getattr(block, "post_attention_layernorm", None),

@@ -37,12 +37,16 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, fused: nn.Module, copy_weights: bool = True):
         super().__init__()
+        # Llama 4 keeps its own experts module: [E, H, 2I] / [E, I, H], act(gate) * up, and the router
+        # weight scales each expert's input (Llama4RoutedMoe below) rather than its output
+        llama4 = type(fused).__name__ == "Llama4TextExperts"
         if getattr(fused, "has_post_expert_norm", False) or not getattr(fused, "has_gate", True) \
-                or not hasattr(fused, "_apply_gate"):
+                or not (hasattr(fused, "_apply_gate") or llama4):
             raise UserError(f"{type(fused).__name__}: lowbit runs gated experts (gate/up, then down) as transformers' "
                             f"experts implementation describes them; this one differs")
-        self.transposed = bool(getattr(fused, "is_transposed", False))
-        self.concatenated = bool(getattr(fused, "is_concatenated", True))
+        self.transposed = llama4 or bool(getattr(fused, "is_transposed", False))
+        self.concatenated = llama4 or bool(getattr(fused, "is_concatenated", True))
+        self.router_scales_input = llama4
         gate_up, down = fused.gate_up_proj, fused.down_proj
         if self.transposed:  # [E, H, 2I] / [E, I, H] -> nn.Linear's [out, in]
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
@@ -81,8 +85,11 @@ class RoutedExperts(nn.Module):
             return t.chunk(2, dim=dim)
         return t.unflatten(dim, (-1, 2)).unbind(dim + 1)  # interleaved gate0, up0, gate1, up1, ...
 
-    def _join(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return torch.cat([gate, up], dim=-1) if self.concatenated else torch.stack([gate, up], dim=-1).flatten(-2)
+    def _gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.router_scales_input:
+            return self.activation.act_fn(gate) * up
+        joined = torch.cat([gate, up], dim=-1) if self.concatenated else torch.stack([gate, up], dim=-1).flatten(-2)
+        return self.activation._apply_gate(joined)
 
     # calibration only: run every expert on every token so that its Linears' input statistics
     # cover all of them (the block's output still sums the routed experts alone)
@@ -95,30 +102,64 @@ class RoutedExperts(nn.Module):
             if not 0 <= e < self.num_experts:
                 continue  # the "no expert" index some routers use
             token, pos = torch.where(top_k_index == e)
+            w = top_k_weights[token, pos, None].to(hidden_states.dtype)
             x = hidden_states if every else hidden_states[token]
+            if self.router_scales_input:  # every token in calibration: the routed ones as the block scales them
+                x = x.index_copy(0, token, x[token] * w) if every else x * w
             ex = self.get_submodule(str(e))
             if every:  # calibration hooks count the routed rows apart from all they see (runner.InputStats.routed)
                 for lin in (ex.gate_proj, ex.up_proj, ex.down_proj):
                     lin.routed_rows = token.numel()
-            h = self.activation._apply_gate(self._join(ex.gate_proj(x), ex.up_proj(x)))
-            w = top_k_weights[token, pos, None].to(h.dtype)
+            h = self._gated(ex.gate_proj(x), ex.up_proj(x))
             if every:
-                y = ex.down_proj(h)[token] * w
+                y = ex.down_proj(h)[token]
+                y = y if self.router_scales_input else y * w
                 for lin in (ex.gate_proj, ex.up_proj, ex.down_proj):
                     del lin.routed_rows
+            elif self.router_scales_input:
+                y = ex.down_proj(h)
             else:
-                y = ex.down_proj(h) * w if self.has_bias else ex.down_proj(h * w)
+                y = ex.down_proj(h) * w if self.has_bias else ex.down_proj(h * w.to(h.dtype))
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+class Llama4RoutedMoe(nn.Module):
+    """Llama 4's MoE block (transformers' Llama4TextMoe) over RoutedExperts: the same router, shared
+    expert and sum, but each expert runs on the tokens routed to it. transformers' block runs every
+    expert on every token, each input scaled by the sigmoid of its router logit (zero where unrouted)."""
+
+    def __init__(self, block: nn.Module, copy_weights: bool = True):
+        super().__init__()
+        self.top_k, self.hidden_dim = block.top_k, block.hidden_dim
+        self.experts = RoutedExperts(block.experts, copy_weights)
+        self.router, self.shared_expert = block.router, block.shared_expert
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = hidden_states.reshape(-1, self.hidden_dim)
+        _, logits = self.router(h)
+        top, index = torch.topk(logits, self.top_k, dim=1)  # as Llama4Router picks them
+        weights = torch.sigmoid(top.float()).to(h.dtype)
+        return self.shared_expert(h) + self.experts(h, index, weights), logits
+
+
+# MoE blocks whose forward calls their experts module in a way of their own: replaced whole
+ROUTED_BLOCKS = {"Llama4TextMoe": Llama4RoutedMoe}
 
 
 def unfuse_experts(model: nn.Module, copy_weights: bool = True) -> int:
     """Replace every fused experts module by RoutedExperts (in place); the number replaced.
     `copy_weights=False` when the per-expert weights are loaded afterwards."""
-    fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
-    for name, m in fused:
+    fused = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    for name in fused:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, RoutedExperts(m, copy_weights))
+        parent = model.get_submodule(parent_name) if parent_name else model
+        block = ROUTED_BLOCKS.get(type(parent).__name__)
+        if block is not None and attr == "experts":
+            grand_name, _, parent_attr = parent_name.rpartition(".")
+            setattr(model.get_submodule(grand_name) if grand_name else model, parent_attr, block(parent, copy_weights))
+        else:
+            setattr(parent, attr, RoutedExperts(getattr(parent, attr), copy_weights))
     return len(fused)
 
 

@@ -21,6 +21,12 @@ def float_tensors(model, skip_modules, float_dtype: torch.dtype) -> dict[str, to
             for k, v in float_state(model).items() if k.rpartition(".")[0] not in skip_modules}
 
 
+# families whose float checkpoints store experts fused but whose vLLM loader also reads one tensor
+# per expert projection under the in-memory names (`feed_forward.experts.{e}.gate_proj`, Llama 4's
+# unfused path, what llm-compressor writes); gpt-oss' loader does not
+PER_EXPERT_LOADERS = {"llama4_text"}
+
+
 def checkpoint_names(model, fmt: str) -> DiskNames | None:
     """How a checkpoint names this model's tensors where that differs from lowbit's in-memory
     names (mixture-of-experts models: one tensor per expert projection, under the family's own
@@ -28,7 +34,7 @@ def checkpoint_names(model, fmt: str) -> DiskNames | None:
     if not any(isinstance(m, RoutedExperts) for m in model.modules()):
         return None
     names = disk_names(model.config)
-    if names.fused_on_disk:
+    if names.fused_on_disk and model.config.model_type not in PER_EXPERT_LOADERS:
         key, held = next(iter(names.fused_on_disk.items()))
         raise UserError(f"{type(model).__name__}: its checkpoints store {len(held)} expert weights in one tensor ({key}); "
                         f"the {fmt} format holds one 2-D tensor per Linear (export gguf, or keep lowbit's own output)")
