@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -340,7 +341,8 @@ def _run(job: QuantizeJob, source, out: Path | None, stream: bool, tokenizer, ca
     if blocks is None:  # a dry run: the prediction is printed
         return None
     teacher = copy.deepcopy(model).eval() if plan.quantizer == "qat" else None  # the float model QAT distils from
-    moe_blocks = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    # weak: a streamed run drops each block once written, and a list here would keep every block's experts
+    moe_blocks = weakref.WeakSet(m for m in model.modules() if isinstance(m, RoutedExperts))
     for m in moe_blocks:
         m.calibrate_all_tokens = job.method.expert_calibration == "all-tokens"
     try:
