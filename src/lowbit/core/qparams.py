@@ -310,17 +310,41 @@ def superblock_qparams(scale: torch.Tensor, zero: torch.Tensor | None, scheme: S
     def two_level(v: torch.Tensor, signed: bool, floor: int) -> torch.Tensor:
         vb = torch.nn.functional.pad(v, (0, pad)).reshape(rows, -1, k)
         top = (1 << (scheme.scale_bits - 1)) - 1 if signed else (1 << scheme.scale_bits) - 1
-        d = vb.abs().amax(-1, keepdim=True) / top
-        d = torch.where(d > 0, d, torch.ones_like(d)).clamp(2.0**-24, 65504).to(torch.float16).to(torch.float32)
-        n = torch.round(vb / d).clamp(-top - 1 if signed else 0, top)
-        if floor:  # a scale never rounds to zero (its group would decode to a constant)
-            n = torch.where(n.abs() < floor, torch.where(vb < 0, -1.0, 1.0) * floor, n)
-        return (d * n).reshape(rows, -1)[:, :groups]
+        amax = vb.abs().amax(-1, keepdim=True)
+
+        def integers(d):
+            n = torch.round(vb / d).clamp(-top - 1 if signed else 0, top)
+            if floor:  # a scale never rounds to zero (its group would decode to a constant)
+                n = torch.where(n.abs() < floor, torch.where(vb < 0, -1.0, 1.0) * floor, n)
+            return n
+
+        # the factor: the largest scale on the top integer, or a few steps past it, each then refit by
+        # least squares to its integers; per super-block, the one whose products are nearest the scales
+        best, best_err = None, torch.full_like(amax, torch.inf)
+        for steps in SUPER_STEPS:
+            d = _fp16(amax / (top + steps))
+            n = integers(d)
+            d = _fp16((vb * n).sum(-1, keepdim=True) / (n * n).sum(-1, keepdim=True).clamp(min=1e-30))
+            q = d * integers(d)
+            err = (q - vb).pow(2).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = q if best is None else torch.where(better, q, best)
+        return best.reshape(rows, -1)[:, :groups]
 
     scale = two_level(scale, scheme.symmetric, 1)
     if zero is not None:
         zero = -two_level(-zero, False, 0)
     return scale, zero
+
+
+# the super-block factors tried: the largest sub-block scale on the top integer and on a few
+# fractional steps either side (llama.cpp's K-quants search the same neighbourhood)
+SUPER_STEPS = tuple(0.25 * i for i in range(-4, 9))
+
+
+def _fp16(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d > 0, d, torch.ones_like(d)).clamp(2.0**-24, 65504).to(torch.float16).to(torch.float32)
 
 
 # AWQ's clipping grid: 20 shrink factors from 1.0 down to 0.525.
