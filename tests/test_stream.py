@@ -126,7 +126,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("kill_at", [1, pytest.param(2, marks=pytest.mark.slow), 4, pytest.param(5, marks=pytest.mark.slow), 7])
+@pytest.mark.parametrize("kill_at", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow),
+                                     pytest.param(5, marks=pytest.mark.slow), 7])
 def test_sigkill_between_any_two_writes_then_resume(tiny, tmp_path, kill_at):
     """SIGKILL in the n-th file write (per block: hidden states, then its shard; 7: the last shard):
     the rerun finishes with the bytes of an uninterrupted run."""
