@@ -107,3 +107,51 @@ def test_decoder_refusals(embedded):
     mistral.config.sliding_window = 8
     with pytest.raises(UserError, match="sliding window"):
         Decoder(mistral, 16)
+
+
+@pytest.mark.parametrize("family,scheme", [("llama", "w4a16-g32"), ("qwen2", "w4a16-g64-asym"), ("qwen3", "w8a16"),
+                                           ("mistral", None)])
+def test_native_step_matches_the_loop(family, scheme):
+    """Single tokens through the C++ layer step (decode_step.cpp) against the Python loop on
+    the same bf16 model: int4 (symmetric, affine), int8 and dense bf16 projections, q/k/v
+    biases, q/k norms. Only fp32 summation order differs, so bf16 roundings rarely flip."""
+    from lowbit.runtime.kernels import native
+
+    if not native.available():
+        pytest.skip("lowbit's native kernels are not built on this CPU: the loop is the only path")
+    import transformers
+
+    cfg = dict(TINY, intermediate_size=128)
+    extra = {"qwen3": {"head_dim": 32}, "mistral": {"sliding_window": None}}.get(family, {})
+    torch.manual_seed(0)
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**cfg, **extra)).eval()
+    for p in model.parameters():
+        if p.dim() == 1:
+            p.data.add_(0.3 * torch.randn_like(p))
+    if scheme is not None:
+        model = quantize(model, recipe=make_recipe(scheme, "rtn"), progress=False, float_dtype=torch.bfloat16).model
+    model = model.to(torch.bfloat16)
+    fast, loop = Decoder(model, 24), Decoder(model, 24, native=False)
+    assert fast.step is not None and loop.step is None
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
+    a = torch.stack([fast.forward(i) for i in ids[0, :, None]]).float()
+    b = torch.stack([loop.forward(i) for i in ids[0, :, None]]).float()
+    ulp = b.abs().max().item() / 128  # one bf16 rounding step at the largest logit
+    torch.testing.assert_close(fast.k_cache, loop.k_cache, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, atol=ulp, rtol=0)
+    # after a prompt through the loop (t > 1), single tokens continue in C++ on the same cache
+    fast.reset()
+    torch.testing.assert_close(torch.stack([fast.forward(ids[:, :12])] + [fast.forward(ids[:, i:i + 1]) for i in range(12, 20)]).float(),
+                               b[11:], atol=ulp, rtol=0)
+
+
+def test_native_step_leaves_models_it_cannot_run_to_the_loop(embedded):
+    from lowbit.runtime.kernels import native
+
+    if not native.available():
+        pytest.skip("lowbit's native kernels are not built on this CPU")
+    base, _ = embedded
+    assert Decoder(base, 8).step is None  # fp32 activations: the loop (exact numerics for quality runs)
+    q = quantize(_tiny("mixtral"), recipe=make_recipe("w8a16-g32", "rtn"), progress=False).model.to(torch.bfloat16)
+    assert Decoder(q, 8).step is None  # mixture-of-experts blocks run their router in Python

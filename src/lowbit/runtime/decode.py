@@ -11,6 +11,11 @@ Every Linear runs its own module's forward, so QuantLinear picks the same kernel
 under transformers; a mixture-of-experts block runs its own router and lowbit's
 RoutedExperts (only the experts a token is sent to). Batch 1; tests hold it to
 transformers' forward.
+
+One token at a time (decode proper), a bf16 model whose projections all run lowbit's
+int4/int8 kernels or are bf16 Linears takes the whole layer stack in C++
+(kernels/csrc/decode_step.cpp: the same numerics, none of the ~3000 ATen calls per
+token); prompts, other dtypes and mixture-of-experts blocks run the loop below.
 """
 from __future__ import annotations
 
@@ -66,14 +71,56 @@ class _Layer:
         self.qk_norm = ((qn.weight, qn.variance_epsilon), (kn.weight, kn.variance_epsilon)) if qn is not None else None
 
 
+def _native_proj(mod, linear: nn.Module):
+    """`linear` as the C++ step's projection, or None where it cannot run it."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+    if isinstance(linear, QuantLinear):
+        kernel, st = linear.packed_kernel(torch.bfloat16, torch.device("cpu"))
+        if kernel is not None and kernel.name == "lowbit-int4":
+            return mod.proj_int4(st["codes"], st["scale"], st["zero"], st["n"], linear.in_features, st["group"],
+                                 st["mode"], st["zconst"], bias)
+        if kernel is not None and kernel.name == "lowbit-int8":
+            return mod.proj_int8(st["w"], st["scale"], bias)
+        return None
+    if type(linear) is nn.Linear and linear.weight.dtype == torch.bfloat16:
+        return mod.proj_dense(linear.weight.detach(), bias)
+    return None
+
+
+def _native_step(model: nn.Module, dec: "Decoder"):
+    """The C++ decode step over every layer of `model`, or None where some layer needs the loop."""
+    from lowbit.runtime.kernels import native
+
+    if dec.dtype != torch.bfloat16 or not native.available():
+        return None
+    mod = native.module()
+    step = mod.DecodeStep(model.config.hidden_size, dec.n_heads, dec.n_kv, dec.head_dim, dec.max_len)
+    norm = lambda n: mod.Norm(n.weight.detach(), n.variance_epsilon) if n is not None else mod.Norm(None, 0.0)  # noqa: E731
+    for block in model.model.layers:
+        att, mlp = block.self_attn, block.mlp
+        if hasattr(mlp, "experts") or block.input_layernorm.weight.dtype != torch.bfloat16:
+            return None
+        projs = [_native_proj(mod, m) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+                                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        if any(p is None for p in projs):
+            return None
+        step.add_layer(norm(block.input_layernorm), norm(block.post_attention_layernorm),
+                       norm(getattr(att, "q_norm", None)), norm(getattr(att, "k_norm", None)), projs)
+    return step
+
+
 class Decoder:
     """Batch-1 decoding with a static fp32 KV cache of `max_len` positions.
 
     `hooks=True` calls the Linears through nn.Module.__call__, so forward hooks (the
-    benchmark's Linear timer) see them; without, their forward is called directly.
+    benchmark's Linear timer) see them; without, their forward is called directly. The C++
+    step (`native`, where the model allows it) runs single tokens; it times its projections
+    itself when `hooks` is set (`native_linear_seconds`).
     """
 
-    def __init__(self, model: nn.Module, max_len: int, *, hooks: bool = False):
+    def __init__(self, model: nn.Module, max_len: int, *, hooks: bool = False, native: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise UserError(f"lowbit's decoder does not run this model: {reason}; use transformers' generate")
@@ -103,6 +150,13 @@ class Decoder:
         self.k_cache = torch.zeros(shape, dtype=torch.float32)
         self.v_cache = torch.zeros(shape, dtype=torch.float32)
         self.pos = 0
+        self.step = _native_step(model, self) if native else None
+        if self.step is not None:
+            self.step.timed = hooks
+
+    @property
+    def native_linear_seconds(self) -> float:
+        return self.step.linear_seconds if self.step is not None else 0.0
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -114,6 +168,10 @@ class Decoder:
         if pos + t > self.max_len:
             raise UserError(f"the KV cache holds {self.max_len} positions; {pos + t} asked for")
         x = self.embed(ids)
+        if t == 1 and self.step is not None:
+            x = self.step.run(x[0], pos, self.q_cos, self.q_sin, self.cos, self.sin, self.k_cache, self.v_cache)
+            self.pos = pos + 1
+            return self.lm_head(_rms_norm(x[None], *self.norm))[0]
         rope = (self.q_cos[pos:pos + t], self.q_sin[pos:pos + t], self.cos[pos:pos + t], self.sin[pos:pos + t])
         mask = None
         if t > 1:  # query i sees cache slots up to pos + i

@@ -79,11 +79,15 @@ class QuantLinear(nn.Module):
     def _pick(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """((dtype, device), kernel or None, its state): packed kernels serve plain weight-only
         layers with bf16/fp16 activations; fp32 (quality measurement) stays on the reference."""
-        kernel = state = None
-        if self.plain and dtype in (torch.bfloat16, torch.float16):
-            kernel, state = self._kernel_state(dtype, device)
-        self.__dict__["_fast"] = fast = ((dtype, device), kernel, state)
+        self.__dict__["_fast"] = fast = ((dtype, device), *self.packed_kernel(dtype, device))
         return fast
+
+    def packed_kernel(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """(kernel, its prepared weights) that forward uses for this activation dtype and device,
+        or (None, None) where it takes the reference path."""
+        if self.policy == "auto" and self.plain and dtype in (torch.bfloat16, torch.float16):
+            return self._kernel_state(dtype, device)
+        return None, None
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize the whole weight, then multiply: the numerics every kernel is held to."""

@@ -23,8 +23,9 @@ import torch
 
 from lowbit.core.tensor import QuantizedTensor
 
-SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
-NAME = "lowbit_cpu"  # torch's extension cache rebuilds it when SOURCE changes
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "lowbit_cpu.cpp", CSRC / "decode_step.cpp"]  # + lowbit_cpu.h, declarations only
+NAME = "lowbit_cpu"  # torch's extension cache rebuilds it when a source changes
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
 
@@ -54,7 +55,7 @@ def module():
         with _build_lock(build):
             if not any(build.glob("*.so")):
                 print("lowbit: compiling its CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
-            return load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+            return load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler must not break inference: PyTorch's kernels remain
         warnings.warn(f"lowbit: native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "using PyTorch's packed kernels", stacklevel=2)

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "lowbit_cpu.h"
+
 #include <type_traits>
 #include <vector>
 
@@ -248,6 +250,21 @@ void dispatch(bool half, int64_t zero_mode, F&& f) {
 
 }  // namespace
 
+void lowbit::int4_gemm(const at::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
+                       bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
+                       int64_t group_size, at::BFloat16* y) {
+  const int64_t G = k / group_size, n_tiles = (n + TILE - 1) / TILE;
+  std::vector<float> sx(m * G);
+  group_sums(x, m, k, group_size, sx.data());
+  at::parallel_for(0, n_tiles, 4, [&](int64_t t0, int64_t t1) {
+    dispatch(half_scale, zero_mode, [&](auto s, auto z) {
+      using S = decltype(s);
+      int4_tiles<S, decltype(z)::value>(m, codes, static_cast<const S*>(scale), zero, zconst, x, sx.data(), y, n, k,
+                                        group_size, t0, t1);
+    });
+  });
+}
+
 // y[m, n] (bf16) = x[m, k] (bf16) @ W^T, W from 4-bit codes in tiles; zero_mode selects the zero term.
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                       int64_t n, int64_t group_size, int64_t zero_mode, double zero_const) {
@@ -261,20 +278,9 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   TORCH_CHECK(scale.dtype() == torch::kHalf || scale.dtype() == torch::kFloat, "scale: fp16 or fp32");
   TORCH_CHECK(zero_mode == ZERO_CONST || zero.numel() == scale.numel(), "zero: one per scale");
   auto y = torch::empty({m, n}, x.options());
-  std::vector<float> sx(m * G);
-  group_sums(x.data_ptr<at::BFloat16>(), m, k, group_size, sx.data());
-  const void* zp = zero_mode == ZERO_CONST ? nullptr : zero.data_ptr();
-  const float zc = static_cast<float>(zero_const);
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  auto* yp = y.data_ptr<at::BFloat16>();
-  const auto* cp = codes.data_ptr<uint8_t>();
-  const bool half = scale.dtype() == torch::kHalf;
-  at::parallel_for(0, n_tiles, 4, [&](int64_t t0, int64_t t1) {
-    dispatch(half, zero_mode, [&](auto s, auto z) {
-      using S = decltype(s);
-      int4_tiles<S, decltype(z)::value>(m, cp, scale.data_ptr<S>(), zp, zc, xp, sx.data(), yp, n, k, group_size, t0, t1);
-    });
-  });
+  lowbit::int4_gemm(x.data_ptr<at::BFloat16>(), m, k, codes.data_ptr<uint8_t>(), scale.data_ptr(),
+                    scale.dtype() == torch::kHalf, zero_mode == ZERO_CONST ? nullptr : zero.data_ptr(), zero_mode,
+                    static_cast<float>(zero_const), n, group_size, y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -300,19 +306,9 @@ torch::Tensor int4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tens
   return out;
 }
 
-// y[m, n] (bf16) = x[m, k] (bf16) @ (scale[n] * W[n, k] (int8))^T, fp32 accumulation.
 // Rows in order (one memory stream per thread); four chains over k per row hide FMA latency.
-torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
-  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && scale.dtype() == torch::kFloat, "w int8, scale fp32");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(w.size(1) == k && k % 64 == 0, "k must be a multiple of 64 and match w");
-  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
-  auto y = torch::empty({m, n}, x.options());
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  auto* yp = y.data_ptr<at::BFloat16>();
+void lowbit::int8_gemm(const float* xp, int64_t m, int64_t k, const int8_t* wp, const float* sp, int64_t n,
+                       at::BFloat16* yp) {
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* wr = wp + r * k;
@@ -332,11 +328,26 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
       }
     }
   });
+}
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ (scale[n] * W[n, k] (int8))^T, fp32 accumulation.
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && scale.dtype() == torch::kFloat, "w int8, scale fp32");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(w.size(1) == k && k % 64 == 0, "k must be a multiple of 64 and match w");
+  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
+  auto y = torch::empty({m, n}, x.options());
+  lowbit::int8_gemm(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
+                    y.data_ptr<at::BFloat16>());
   return y;
 }
+
+void lowbit_register_decode(pybind11::module_& m);  // decode_step.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations");
   m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
   m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations");
+  lowbit_register_decode(m);
 }

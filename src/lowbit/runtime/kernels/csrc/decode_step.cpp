@@ -1,0 +1,254 @@
+// One decoded token through every decoder layer of a Llama-family model, in C++.
+//
+// At batch 1 a 4-bit model's matmuls take a few milliseconds per token; the Python decode
+// loop around them issued ~3000 ATen calls per token (norms, rotary, cache writes,
+// attention, residuals), each a few microseconds of dispatch on data of a few KB, which
+// cost as much again. Here each layer is plain loops over the same numbers, and the
+// projections call the packed kernels (lowbit_cpu.cpp) through raw pointers.
+//
+// The numerics are decode.py's, rounding for rounding: RMSNorm in fp32, rounded to bf16,
+// then times its bf16 weight; projections with bf16 outputs (+ bf16 bias); rotary,
+// scores, softmax and the weighted sum in fp32 against the fp32 KV cache; SiLU, the gate
+// product and the residual adds each rounded to bf16. Only fp32 summation order differs.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <chrono>
+#include <cmath>
+#include <vector>
+
+#include "lowbit_cpu.h"
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+enum ProjKind { PROJ_INT4 = 0, PROJ_INT8 = 1, PROJ_DENSE = 2 };
+
+// One projection as the step runs it: lowbit's int4 or int8 kernel, or a dense bf16 weight.
+struct Proj {
+  int64_t kind = PROJ_DENSE, n = 0, k = 0, group = 0, zero_mode = 0;
+  double zconst = 0;
+  torch::Tensor codes, scale, zero, weight, bias;  // int4: codes/scale/zero; int8: weight/scale; dense: weight
+
+  void run(const bf16* x, bf16* y, float* xf) const {
+    if (kind == PROJ_INT4) {
+      lowbit::int4_gemm(x, 1, k, codes.data_ptr<uint8_t>(), scale.data_ptr(), scale.scalar_type() == at::kHalf,
+                        zero_mode ? zero.data_ptr() : nullptr, zero_mode, static_cast<float>(zconst), n, group, y);
+    } else if (kind == PROJ_INT8) {
+      for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(x[i]);
+      lowbit::int8_gemm(xf, 1, k, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), n, y);
+    } else {
+      auto xt = torch::from_blob(const_cast<bf16*>(x), {1, k}, torch::kBFloat16);
+      auto out = torch::from_blob(y, {1, n}, torch::kBFloat16);
+      at::matmul_out(out, xt, weight.t());
+    }
+    if (bias.defined()) {
+      const bf16* b = bias.data_ptr<bf16>();
+      for (int64_t i = 0; i < n; ++i) y[i] = bf16(static_cast<float>(y[i]) + static_cast<float>(b[i]));
+    }
+  }
+};
+
+Proj make_int4(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n, int64_t k, int64_t group,
+               int64_t zero_mode, double zconst, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && scale.is_contiguous(), "int4: packed codes");
+  TORCH_CHECK(k % 64 == 0 && k % group == 0 && group % 32 == 0, "int4: k a multiple of 64 and of the group size");
+  Proj p;
+  p.kind = PROJ_INT4, p.codes = codes, p.scale = scale, p.zero = zero, p.n = n, p.k = k, p.group = group;
+  p.zero_mode = zero_mode, p.zconst = zconst;
+  if (bias) p.bias = bias->to(torch::kBFloat16).contiguous();
+  return p;
+}
+
+Proj make_int8(torch::Tensor weight, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(weight.dtype() == torch::kInt8 && weight.is_contiguous() && scale.dtype() == torch::kFloat, "int8 weight");
+  Proj p;
+  p.kind = PROJ_INT8, p.weight = weight, p.scale = scale, p.n = weight.size(0), p.k = weight.size(1);
+  if (bias) p.bias = bias->to(torch::kBFloat16).contiguous();
+  return p;
+}
+
+Proj make_dense(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(weight.dtype() == torch::kBFloat16 && weight.dim() == 2, "dense: a bf16 [n, k] weight");
+  Proj p;
+  p.kind = PROJ_DENSE, p.weight = weight, p.n = weight.size(0), p.k = weight.size(1);
+  if (bias) p.bias = bias->to(torch::kBFloat16).contiguous();
+  return p;
+}
+
+struct Norm {
+  torch::Tensor weight;  // bf16 [d]; undefined: no norm
+  double eps = 0;
+};
+
+struct Layer {
+  Norm norm1, norm2, q_norm, k_norm;
+  Proj q, k, v, o, gate, up, down;
+};
+
+// transformers' Llama RMSNorm over each d-vector of x (count of them): fp32, round to bf16, times the bf16 weight
+void rms_norm(const bf16* x, bf16* y, int64_t d, int64_t count, const Norm& nm) {
+  const bf16* w = nm.weight.data_ptr<bf16>();
+  for (int64_t c = 0; c < count; ++c, x += d, y += d) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < d; ++i) ss += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(nm.eps));
+    for (int64_t i = 0; i < d; ++i)
+      y[i] = bf16(static_cast<float>(w[i]) * static_cast<float>(bf16(static_cast<float>(x[i]) * r)));
+  }
+}
+
+// x * cos + rotate_half(x) * sin for each head-vector (fp32 in, fp32 out)
+void rotate(const bf16* x, float* y, int64_t d, int64_t heads, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h, x += d, y += d)
+    for (int64_t i = 0; i < d; ++i) {
+      const float xi = static_cast<float>(x[i]);
+      const float r = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
+      y[i] = xi * cos[i] + r * sin[i];
+    }
+}
+
+class DecodeStep {
+ public:
+  DecodeStep(int64_t hidden, int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t max_len)
+      : hidden_(hidden), n_heads_(n_heads), n_kv_(n_kv), d_(head_dim), max_len_(max_len) {
+    TORCH_CHECK(n_heads % n_kv == 0 && head_dim % 2 == 0, "heads must group evenly onto KV heads");
+  }
+
+  void add_layer(Norm norm1, Norm norm2, Norm q_norm, Norm k_norm, std::vector<Proj> p) {
+    TORCH_CHECK(p.size() == 7, "projections q, k, v, o, gate, up, down");
+    Layer l{norm1, norm2, q_norm, k_norm, p[0], p[1], p[2], p[3], p[4], p[5], p[6]};
+    TORCH_CHECK(l.q.k == hidden_ && l.q.n == n_heads_ * d_ && l.k.n == n_kv_ * d_ && l.v.n == n_kv_ * d_ &&
+                l.o.k == n_heads_ * d_ && l.o.n == hidden_ && l.gate.k == hidden_ && l.up.n == l.gate.n &&
+                l.down.k == l.gate.n && l.down.n == hidden_, "projection shapes do not match the config");
+    inter_ = std::max(inter_, l.gate.n);
+    layers_.push_back(std::move(l));
+  }
+
+  // x: bf16 [hidden], the embedded token at position pos; returns the last layer's output.
+  // Rotary rows: q_cos/q_sin (softmax scaling folded in) and cos/sin, fp32 [max_len, head_dim].
+  // Caches: fp32 [layers, n_kv, max_len, head_dim], written at pos.
+  torch::Tensor run(torch::Tensor x, int64_t pos, torch::Tensor q_cos, torch::Tensor q_sin, torch::Tensor cos,
+                    torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache) {
+    TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.numel() == hidden_ && x.is_contiguous(), "x: bf16 [hidden]");
+    TORCH_CHECK(pos >= 0 && pos < max_len_, "position past the KV cache");
+    const int64_t L = static_cast<int64_t>(layers_.size()), cache_len = k_cache.size(2);
+    TORCH_CHECK(k_cache.dtype() == torch::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                k_cache.numel() == L * n_kv_ * cache_len * d_ && v_cache.sizes() == k_cache.sizes() && pos < cache_len,
+                "caches: contiguous fp32 [layers, n_kv, max_len, head_dim]");
+    for (const auto* t : {&q_cos, &q_sin, &cos, &sin})
+      TORCH_CHECK(t->dtype() == torch::kFloat && t->is_contiguous() && t->numel() >= (pos + 1) * d_, "rotary tables");
+    const int64_t qd = n_heads_ * d_, kvd = n_kv_ * d_, g = n_heads_ / n_kv_;
+    auto out = x.clone();
+    bf16* h = buf16(hidden_, 0);
+    bf16 *q = buf16(qd, 1), *kk = buf16(kvd, 2), *vv = buf16(kvd, 3), *att = buf16(qd, 4), *o = buf16(hidden_, 5);
+    bf16 *gt = buf16(inter_, 6), *up = buf16(inter_, 7);
+    std::vector<float> xf(std::max(inter_, std::max(hidden_, qd))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1));
+    bf16* xs = out.data_ptr<bf16>();
+    const float *qc = q_cos.data_ptr<float>() + pos * d_, *qs = q_sin.data_ptr<float>() + pos * d_;
+    const float *kc = cos.data_ptr<float>() + pos * d_, *ks = sin.data_ptr<float>() + pos * d_;
+    for (int64_t li = 0; li < L; ++li) {
+      const Layer& l = layers_[li];
+      float* kcache = k_cache.data_ptr<float>() + li * n_kv_ * cache_len * d_;
+      float* vcache = v_cache.data_ptr<float>() + li * n_kv_ * cache_len * d_;
+      rms_norm(xs, h, hidden_, 1, l.norm1);
+      proj(l.q, h, q, xf.data());
+      proj(l.k, h, kk, xf.data());
+      proj(l.v, h, vv, xf.data());
+      if (l.q_norm.weight.defined()) {  // Qwen3: per-head RMSNorm of q and k before rotary
+        rms_norm(q, q, d_, n_heads_, l.q_norm);
+        rms_norm(kk, kk, d_, n_kv_, l.k_norm);
+      }
+      rotate(q, qf.data(), d_, n_heads_, qc, qs);
+      rotate(kk, kf.data(), d_, n_kv_, kc, ks);
+      for (int64_t j = 0; j < n_kv_; ++j)
+        for (int64_t i = 0; i < d_; ++i) {
+          kcache[(j * cache_len + pos) * d_ + i] = kf[j * d_ + i];
+          vcache[(j * cache_len + pos) * d_ + i] = static_cast<float>(vv[j * d_ + i]);
+        }
+      // query head hq reads KV head hq / g; positions 0..pos
+      at::parallel_for(0, n_heads_, 1, [&](int64_t h0, int64_t h1) {
+        for (int64_t hq = h0; hq < h1; ++hq) {
+          const float* qv = qf.data() + hq * d_;
+          const float* K = kcache + (hq / g) * cache_len * d_;
+          const float* V = vcache + (hq / g) * cache_len * d_;
+          float* s = scores.data() + hq * (pos + 1);
+          float mx = -INFINITY;
+          for (int64_t p = 0; p <= pos; ++p) {
+            float dot = 0.f;
+            for (int64_t i = 0; i < d_; ++i) dot += qv[i] * K[p * d_ + i];
+            s[p] = dot;
+            mx = std::max(mx, dot);
+          }
+          float sum = 0.f;
+          for (int64_t p = 0; p <= pos; ++p) sum += (s[p] = std::exp(s[p] - mx));
+          std::vector<float> acc(d_, 0.f);
+          for (int64_t p = 0; p <= pos; ++p) {
+            const float pr = s[p] / sum;
+            for (int64_t i = 0; i < d_; ++i) acc[i] += pr * V[p * d_ + i];
+          }
+          for (int64_t i = 0; i < d_; ++i) att[hq * d_ + i] = bf16(acc[i]);
+        }
+      });
+      proj(l.o, att, o, xf.data());
+      for (int64_t i = 0; i < hidden_; ++i) xs[i] = bf16(static_cast<float>(xs[i]) + static_cast<float>(o[i]));
+      rms_norm(xs, h, hidden_, 1, l.norm2);
+      proj(l.gate, h, gt, xf.data());
+      proj(l.up, h, up, xf.data());
+      const int64_t ni = l.gate.n;
+      for (int64_t i = 0; i < ni; ++i) {
+        const float a = static_cast<float>(gt[i]);
+        gt[i] = bf16(static_cast<float>(bf16(a / (1.f + std::exp(-a)))) * static_cast<float>(up[i]));
+      }
+      proj(l.down, gt, o, xf.data());
+      for (int64_t i = 0; i < hidden_; ++i) xs[i] = bf16(static_cast<float>(xs[i]) + static_cast<float>(o[i]));
+    }
+    return out;
+  }
+
+  double linear_seconds = 0;  // time inside projections, accumulated while `timed`
+  bool timed = false;
+
+ private:
+  void proj(const Proj& p, const bf16* x, bf16* y, float* xf) {
+    if (!timed) return p.run(x, y, xf);
+    const auto t0 = std::chrono::steady_clock::now();
+    p.run(x, y, xf);
+    linear_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  bf16* buf16(int64_t n, int slot) {
+    if (static_cast<int64_t>(bufs_[slot].size()) < n) bufs_[slot].resize(n);
+    return bufs_[slot].data();
+  }
+
+  int64_t hidden_, n_heads_, n_kv_, d_, max_len_, inter_ = 0;
+  std::vector<Layer> layers_;
+  std::vector<bf16> bufs_[8];
+};
+
+}  // namespace
+
+void lowbit_register_decode(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<Proj>(m, "Proj");
+  py::class_<Norm>(m, "Norm").def(py::init([](c10::optional<torch::Tensor> w, double eps) {
+    Norm n;
+    if (w) {
+      TORCH_CHECK(w->dtype() == torch::kBFloat16, "norm weight: bf16");
+      n.weight = w->contiguous();
+    }
+    n.eps = eps;
+    return n;
+  }));
+  m.def("proj_int4", &make_int4, "an int4 projection (lowbit layout) for the decode step");
+  m.def("proj_int8", &make_int8, "an int8 per-channel projection for the decode step");
+  m.def("proj_dense", &make_dense, "a dense bf16 projection for the decode step");
+  py::class_<DecodeStep>(m, "DecodeStep")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t>())
+      .def("add_layer", &DecodeStep::add_layer)
+      .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>())
+      .def_readwrite("linear_seconds", &DecodeStep::linear_seconds)
+      .def_readwrite("timed", &DecodeStep::timed);
+}
