@@ -200,6 +200,7 @@ def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64,
             "decode_tokens_per_s": tps,
             "decode_ms_per_token": 1e3 / tps,
             "decode_engine": e,
+            "decode_native_step": last[name, e]["native_step"],  # the layer stack in C++ (decode_step.cpp)
             "decode_linear_fraction": linear_fraction[name, e],
             "decode_tokens_per_s_transformers": statistics.median(decode[name, "transformers"]),
             "decode_linear_fraction_transformers": linear_fraction[name, "transformers"],
@@ -220,7 +221,8 @@ def format_speed(res: dict) -> str:
              f"{'transformers':>12s} {'vs fp32':>8s} " + " ".join(f"{'prefill ' + n:>13s}" for n in lens)]
     for name, r in v.items():
         tf = r["decode_tokens_per_s_transformers"]
-        lines.append(f"{name:28s} {r['decode_engine']:>12s} {r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base:7.2f}x "
+        engine = r["decode_engine"] + (" (C++)" if r.get("decode_native_step") else "")
+        lines.append(f"{name:28s} {engine:>12s} {r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base:7.2f}x "
                      f"{100 * r['decode_linear_fraction']:7.0f}% {tf:12.1f} {tf / base_tf:7.2f}x "
                      + " ".join(f"{r['prefill_tokens_per_s_by_len'][n]:13.0f}" for n in lens))
     if "gemv" in res:

@@ -85,6 +85,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
         if timer:
             timer.close()
     res = {"tokens": torch.cat(tokens, 1), "engine": engine, "prefill_seconds": t_prefill, "decode_seconds": t_decode,
+           "native_step": engine == "lowbit" and decoder.step is not None,
            "decode_tokens": max_new_tokens - 1,
            "decode_tokens_per_s": (max_new_tokens - 1) / t_decode if max_new_tokens > 1 else None}
     if timer:  # the C++ decode step times its own projections (no module hooks run there)
