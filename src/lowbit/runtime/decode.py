@@ -93,7 +93,7 @@ def _native_step(model: nn.Module, dec: "Decoder"):
     """The C++ decode step over every layer of `model`, or None where some layer needs the loop."""
     from lowbit.runtime.kernels import native
 
-    if dec.dtype != torch.bfloat16 or not native.available():
+    if dec.dtype != torch.bfloat16 or dec.embed.weight.device.type != "cpu" or not native.available():
         return None
     mod = native.module()
     step = mod.DecodeStep(model.config.hidden_size, dec.n_heads, dec.n_kv, dec.head_dim, dec.max_len)
