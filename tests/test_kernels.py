@@ -75,6 +75,43 @@ def test_kernel_matches_reference(kernel, name, shape, dtype):
         assert ((y - ref).abs() <= eps * scale + 1e-6).all(), (name, dtype, m, float((y - ref).abs().max()))
 
 
+PREFILL_CASES = [("int4-g64", (192, 576)), ("int4-g32-asym", (1000, 576)), ("int4-g64-asym", (100, 1536)),
+                 ("int4-g32", (5, 704)), ("int4-g96", (37, 576)), ("int8-channel", (1000, 576))]
+
+
+def _prefill_check(name, shape, rows=(17, 40, 128)):
+    torch.manual_seed(0)
+    qt = quantize_tensor(torch.randn(shape) * 0.05, name)
+    kernel = select(qt, torch.bfloat16, torch.device("cpu"))
+    st = kernel.prepare(qt, torch.bfloat16)
+    w = qt.dequantize().bfloat16().double()  # the reference rounds W to bf16, then sums exactly
+    for m in rows:
+        x = torch.randn(m, shape[1]).bfloat16()
+        ref = x.double() @ w.t()
+        y = kernel.run(x, st).double()
+        # fp32 sums of exact bf16 products, one bf16 rounding of the output
+        bound = 2 ** -8 * ref.abs() + 1e-5 * (x.abs().double() @ w.abs().t()) + 1e-6
+        assert ((y - ref).abs() <= bound).all(), (name, m, float((y - ref).abs().max()))
+
+
+@pytest.mark.skipif(not NATIVE or not native.amx(), reason="CPU without AMX-BF16 (or not granted): prefill "
+                    "takes the dequantized-block path, tested below")
+@pytest.mark.parametrize("name,shape", PREFILL_CASES)
+def test_amx_prefill_matches_reference(name, shape):
+    # rows past 16 run on AMX tiles: 32-row weight blocks with a short last one, 16-row activation blocks
+    _prefill_check(name, shape)
+
+
+@pytest.mark.skipif(not NATIVE, reason="lowbit's own kernels are not built here")
+@pytest.mark.parametrize("name,shape", PREFILL_CASES)
+def test_blocked_prefill_matches_reference(name, shape, monkeypatch):
+    # the path of CPUs without AMX: bf16 blocks of W into one reused buffer, PyTorch's GEMM; small
+    # blocks here so that a weight takes several
+    monkeypatch.setattr(native, "amx", lambda: False)
+    monkeypatch.setattr(native, "PREFILL_BLOCK", 64 * 1024)
+    _prefill_check(name, shape, rows=(17, 40))
+
+
 def test_fp32_int4_is_exact():
     torch.manual_seed(1)
     qt = quantize_tensor(torch.randn(64, 576), "int3-g64-asym")

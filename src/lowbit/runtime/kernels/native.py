@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -24,7 +25,7 @@ import torch
 from lowbit.core.tensor import QuantizedTensor
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "lowbit_cpu.cpp", CSRC / "decode_step.cpp"]  # + lowbit_cpu.h, declarations only
+SOURCES = [CSRC / "lowbit_cpu.cpp", CSRC / "decode_step.cpp", CSRC / "amx_gemm.cpp"]  # + lowbit_cpu.h, declarations only
 NAME = "lowbit_cpu"  # torch's extension cache rebuilds it when a source changes
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
@@ -77,6 +78,15 @@ def _build_lock(build: Path):
 
 def available() -> bool:
     return module() is not None
+
+
+@lru_cache(maxsize=1)
+def amx() -> bool:
+    """Prefill on AMX tiles (csrc/amx_gemm.cpp): the CPU has AMX-BF16, the kernel lets this
+    process use the tile state, and LOWBIT_AMX is not 0. Otherwise prefill dequantizes blocks
+    for PyTorch's bf16 GEMM."""
+    return (available() and os.environ.get("LOWBIT_AMX", "1") != "0"
+            and {"amx_tile", "amx_bf16"} <= _cpu_flags() and module().amx_ready())
 
 
 # ---- int4: every <= 4-bit integer scheme; groups of any multiple of 32 -------------
@@ -161,14 +171,34 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     n, k = st["n"], x2.shape[1]
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = module().int4_mm(x2, *args, n, st["group"], st["mode"], st["zconst"])
-    else:  # compute-bound: the weight read is amortized over the rows, a bf16 GEMM does the work
-        y = x2.new_empty(x2.shape[0], n)
-        rows = max(TILE, PREFILL_BLOCK // (2 * k) // TILE * TILE)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            w = module().int4_dequant(*args, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // TILE) * TILE)
-            y[:, r0:r1] = x2 @ w[: r1 - r0].t()
+    elif amx():
+        y = module().int4_mm_amx(x2, *args, n, st["group"], st["mode"], st["zconst"])
+    else:
+        y = _blocked_mm(x2, n, lambda r0, r1, out: module().int4_dequant(
+            *args, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // TILE) * TILE, out))
     return y.reshape(*x.shape[:-1], n)
+
+
+_scratch = threading.local()
+
+
+def _blocked_mm(x2: torch.Tensor, n: int, dequant) -> torch.Tensor:
+    """x2 @ W^T for many rows: compute-bound, so the weight read is amortized and a bf16 GEMM
+    (oneDNN; AMX tiles where present) does the work on ~2 MB blocks of W that
+    `dequant(r0, r1, scratch)` writes as bf16 rows (at least r0..r1) into one reused,
+    cache-resident buffer per thread."""
+    k = x2.shape[1]
+    rows = max(TILE, PREFILL_BLOCK // (2 * k) // TILE * TILE)
+    scratch = getattr(_scratch, "buf", None)
+    if scratch is None or scratch.numel() < rows * k:
+        scratch = _scratch.buf = torch.empty(max(rows * k, PREFILL_BLOCK // 2), dtype=torch.bfloat16)
+    if n <= rows:  # one block: no copy into a slice of y
+        return x2 @ dequant(0, n, scratch)[:n].t()
+    y = x2.new_empty(x2.shape[0], n)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        torch.mm(x2, dequant(r0, r1, scratch)[: r1 - r0].t(), out=y[:, r0:r1])
+    return y
 
 
 # ---- int8: symmetric per-channel ---------------------------------------------------
@@ -190,4 +220,10 @@ def int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
 
 def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    return module().int8_mm(x2, st["w"], st["scale"]).reshape(*x.shape[:-1], st["n"])
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        y = module().int8_mm(x2, st["w"], st["scale"])
+    elif amx():
+        y = module().int8_mm_amx(x2, st["w"], st["scale"])
+    else:  # the fp32 kernel converts every code once per row: 10x a bf16 GEMM at 128 rows (the head)
+        y = _blocked_mm(x2, st["n"], lambda r0, r1, out: module().int8_dequant(st["w"], st["scale"], r0, r1, out))
+    return y.reshape(*x.shape[:-1], st["n"])

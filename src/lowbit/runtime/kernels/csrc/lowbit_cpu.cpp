@@ -227,8 +227,10 @@ void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, fl
       float zdot;
       row_prologue<1, S, ZMODE>(scale, zp, zconst, r, G, zeros.data(), sbuf.data(), zbuf.data(), &zdot);
       at::BFloat16* o = out + (r - t0 * TILE) * k;
+      int64_t j = 0, left = g / 32;  // group of the next 32 columns, sub-chunks left in it (no division per chunk)
       auto emit = [&](__m512bh v, int64_t col) {  // w = scale * (128 + q) + zero_term, 32 columns
-        const __m512 s = _mm512_set1_ps(sbuf[col / g]), z = _mm512_set1_ps(zbuf[col / g]);
+        const __m512 s = _mm512_set1_ps(sbuf[j]), z = _mm512_set1_ps(zbuf[j]);
+        if (--left == 0) ++j, left = g / 32;
         const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256((__m512i)v));
         const __m512 hi = _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64((__m512i)v, 1));
         const __m512bh w = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, z), _mm512_fmadd_ps(lo, s, z));
@@ -295,24 +297,35 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   return y;
 }
 
-// W[row0:row1] as bf16 (row0, row1 multiples of 4, within the padded rows).
+// The first rows * k elements of `out` (a reused scratch: a fresh 2 MB tensor per call cost
+// more in page faults than the dequantization itself), as a [rows, k] tensor.
+torch::Tensor rows_of(torch::Tensor out, int64_t rows, int64_t k) {
+  TORCH_CHECK(out.dtype() == torch::kBFloat16 && out.is_contiguous() && out.numel() >= rows * k, "out: bf16 scratch of rows * k");
+  return out.view(-1).narrow(0, 0, rows * k).view({rows, k});
+}
+
+void lowbit::int4_dequant_rows(const uint8_t* codes, const void* scale, bool half_scale, const void* zero,
+                               int64_t zero_mode, float zconst, int64_t k, int64_t group_size, int64_t r0, int64_t r1,
+                               at::BFloat16* out) {
+  dispatch(half_scale, zero_mode, [&](auto s, auto z) {
+    using S = decltype(s);
+    int4_dequant_tiles<S, decltype(z)::value>(codes, static_cast<const S*>(scale), zero, zconst, k, group_size,
+                                              r0 / TILE, (r1 + TILE - 1) / TILE, out);
+  });
+}
+
+// W[row0:row1] as bf16 into out (row0, row1 multiples of 4, within the padded rows).
 torch::Tensor int4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t k, int64_t group_size,
-                           int64_t zero_mode, double zero_const, int64_t row0, int64_t row1) {
+                           int64_t zero_mode, double zero_const, int64_t row0, int64_t row1, torch::Tensor scratch) {
   TORCH_CHECK(row0 % TILE == 0 && row1 % TILE == 0 && row0 <= row1 && row1 * (k / 2) <= codes.numel(), "rows: tile-aligned range");
   TORCH_CHECK(k % 64 == 0 && k % group_size == 0 && group_size % 32 == 0, "bad k / group size");
-  auto out = torch::empty({row1 - row0, k}, torch::dtype(torch::kBFloat16));
+  auto out = rows_of(scratch, row1 - row0, k);
   const void* zp = zero_mode == ZERO_CONST ? nullptr : zero.data_ptr();
-  const float zc = static_cast<float>(zero_const);
-  const bool half = scale.dtype() == torch::kHalf;
-  const auto* cp = codes.data_ptr<uint8_t>();
   auto* op = out.data_ptr<at::BFloat16>();
-  const int64_t tile0 = row0 / TILE;
-  at::parallel_for(tile0, row1 / TILE, 4, [&](int64_t t0, int64_t t1) {
-    at::BFloat16* o = op + (t0 - tile0) * TILE * k;
-    dispatch(half, zero_mode, [&](auto s, auto z) {
-      using S = decltype(s);
-      int4_dequant_tiles<S, decltype(z)::value>(cp, scale.data_ptr<S>(), zp, zc, k, group_size, t0, t1, o);
-    });
+  at::parallel_for(row0 / TILE, row1 / TILE, 4, [&](int64_t t0, int64_t t1) {
+    lowbit::int4_dequant_rows(codes.data_ptr<uint8_t>(), scale.data_ptr(), scale.dtype() == torch::kHalf, zp,
+                              zero_mode, static_cast<float>(zero_const), k, group_size, t0 * TILE, t1 * TILE,
+                              op + (t0 * TILE - row0) * k);
   });
   return out;
 }
@@ -355,11 +368,38 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   return y;
 }
 
+void lowbit::int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r0, int64_t r1,
+                               at::BFloat16* out) {
+  for (int64_t r = r0; r < r1; ++r) {  // bf16(scale * code): the reference rounding
+    const __m512 s = _mm512_set1_ps(scale[r]);
+    for (int64_t c = 0; c < k; c += 16) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * k + c))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r - r0) * k + c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, s)));
+    }
+  }
+}
+
+// W[row0:row1] as bf16 into out (prefill, as int4_dequant).
+torch::Tensor int8_dequant(torch::Tensor w, torch::Tensor scale, int64_t row0, int64_t row1, torch::Tensor scratch) {
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && scale.dtype() == torch::kFloat, "w int8, scale fp32");
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.size(0) && w.size(1) % 16 == 0, "rows: a range of w; k % 16 == 0");
+  const int64_t k = w.size(1);
+  auto out = rows_of(scratch, row1 - row0, k);
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(row0, row1, 16, [&](int64_t r0, int64_t r1) {
+    lowbit::int8_dequant_rows(w.data_ptr<int8_t>(), scale.data_ptr<float>(), k, r0, r1, op + (r0 - row0) * k);
+  });
+  return out;
+}
+
 void lowbit_register_decode(pybind11::module_& m);  // decode_step.cpp
+void lowbit_register_amx(pybind11::module_& m);     // amx_gemm.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations");
   m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
   m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations");
+  m.def("int8_dequant", &int8_dequant, "rows of an int8 per-channel weight as bf16");
   lowbit_register_decode(m);
+  lowbit_register_amx(m);
 }

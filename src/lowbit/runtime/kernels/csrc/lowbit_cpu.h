@@ -1,5 +1,6 @@
 // The raw-pointer entry points of lowbit's CPU kernels (lowbit_cpu.cpp), shared with the
-// decode step (decode_step.cpp), which calls them without a tensor or Python in between.
+// decode step (decode_step.cpp) and the AMX prefill (amx_gemm.cpp), which call them without
+// a tensor or Python in between.
 #pragma once
 #include <c10/util/BFloat16.h>
 
@@ -14,5 +15,11 @@ void int4_gemm(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* code
 
 // y[m, n] = x[m, k] (fp32, exact copies of bf16 activations) @ (scale[n] * W[n, k] (int8))^T
 void int8_gemm(const float* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n, c10::BFloat16* y);
+
+// Weight rows [r0, r1) as bf16 into out (row stride k), on the calling thread. The 4-bit one
+// writes whole 4-row tiles: rows up to r1 rounded up to 4 (padding rows come out zero).
+void int4_dequant_rows(const uint8_t* codes, const void* scale, bool half_scale, const void* zero, int64_t zero_mode,
+                       float zconst, int64_t k, int64_t group_size, int64_t r0, int64_t r1, c10::BFloat16* out);
+void int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r0, int64_t r1, c10::BFloat16* out);
 
 }  // namespace lowbit
