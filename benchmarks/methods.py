@@ -18,7 +18,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+# this file's folder holds gguf.py, which would shadow the `gguf` package: put src/ in its place
+sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 import torch  # noqa: E402
 

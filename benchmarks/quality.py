@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+# this file's folder holds gguf.py, which would shadow the `gguf` package: put src/ in its place
+sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 from lowbit.evaluate.compare import compare, format_quality_table  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402

@@ -54,17 +54,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+def _projections(block: nn.Module) -> list[nn.Module]:
+    """q, k, v, o, then gate, up, down unless the MLP is a mixture of experts."""
+    att, mlp = block.self_attn, block.mlp
+    mlp_projs = [] if hasattr(mlp, "experts") else [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return [att.q_proj, att.k_proj, att.v_proj, att.o_proj, *mlp_projs]
+
+
 class _Layer:
     """One decoder block's weights as plain callables (no module hooks, no kwargs)."""
 
     def __init__(self, block: nn.Module, hooks: bool):
         att, mlp = block.self_attn, block.mlp
         call = (lambda m: m) if hooks else (lambda m: m.forward)
-        self.q, self.k, self.v, self.o = map(call, (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
+        projs = [call(m) for m in _projections(block)]
+        self.q, self.k, self.v, self.o = projs[:4]
         # a mixture-of-experts block is called whole: its router, then the routed experts
         self.moe = call(mlp) if hasattr(mlp, "experts") else None
         if self.moe is None:
-            self.gate, self.up, self.down = map(call, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            self.gate, self.up, self.down = projs[4:]
         self.norm1 = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
         self.norm2 = (block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon)
         qn, kn = getattr(att, "q_norm", None), getattr(att, "k_norm", None)  # Qwen3 normalises q/k per head
@@ -99,11 +107,10 @@ def _native_step(model: nn.Module, dec: "Decoder"):
     step = mod.DecodeStep(model.config.hidden_size, dec.n_heads, dec.n_kv, dec.head_dim, dec.max_len)
     norm = lambda n: mod.Norm(n.weight.detach(), n.variance_epsilon) if n is not None else mod.Norm(None, 0.0)  # noqa: E731
     for block in model.model.layers:
-        att, mlp = block.self_attn, block.mlp
-        if hasattr(mlp, "experts") or block.input_layernorm.weight.dtype != torch.bfloat16:
+        att = block.self_attn
+        if hasattr(block.mlp, "experts") or block.input_layernorm.weight.dtype != torch.bfloat16:
             return None
-        projs = [_native_proj(mod, m) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj,
-                                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        projs = [_native_proj(mod, m) for m in _projections(block)]
         if any(p is None for p in projs):
             return None
         step.add_layer(norm(block.input_layernorm), norm(block.post_attention_layernorm),
@@ -169,9 +176,14 @@ class Decoder:
             raise UserError(f"the KV cache holds {self.max_len} positions; {pos + t} asked for")
         x = self.embed(ids)
         if t == 1 and self.step is not None:
-            x = self.step.run(x[0], pos, self.q_cos, self.q_sin, self.cos, self.sin, self.k_cache, self.v_cache)
-            self.pos = pos + 1
-            return self.lm_head(_rms_norm(x[None], *self.norm))[0]
+            x = self.step.run(x[0], pos, self.q_cos, self.q_sin, self.cos, self.sin, self.k_cache, self.v_cache)[None]
+        else:
+            x = self._layers(x, pos)
+        self.pos = pos + t
+        return self.lm_head(_rms_norm(x[-1:], *self.norm))[0]
+
+    def _layers(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        t = x.shape[0]
         rope = (self.q_cos[pos:pos + t], self.q_sin[pos:pos + t], self.cos[pos:pos + t], self.sin[pos:pos + t])
         mask = None
         if t > 1:  # query i sees cache slots up to pos + i
@@ -180,8 +192,7 @@ class Decoder:
             x = x + self._attention(i, layer, _rms_norm(x, *layer.norm1), rope, mask)
             h = _rms_norm(x, *layer.norm2)
             x = x + (layer.moe(h[None])[0] if layer.moe is not None else layer.down(F.silu(layer.gate(h)) * layer.up(h)))
-        self.pos = pos + t
-        return self.lm_head(_rms_norm(x[-1:], *self.norm))[0]
+        return x
 
     def _attention(self, i: int, layer: _Layer, h: torch.Tensor, rope, mask) -> torch.Tensor:
         t, d, g = h.shape[0], self.head_dim, self.n_heads // self.n_kv

@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <vector>
@@ -50,6 +51,10 @@ struct Proj {
   }
 };
 
+torch::Tensor bf16_bias(const c10::optional<torch::Tensor>& bias) {
+  return bias ? bias->to(torch::kBFloat16).contiguous() : torch::Tensor();
+}
+
 Proj make_int4(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n, int64_t k, int64_t group,
                int64_t zero_mode, double zconst, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && scale.is_contiguous(), "int4: packed codes");
@@ -57,7 +62,7 @@ Proj make_int4(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int
   Proj p;
   p.kind = PROJ_INT4, p.codes = codes, p.scale = scale, p.zero = zero, p.n = n, p.k = k, p.group = group;
   p.zero_mode = zero_mode, p.zconst = zconst;
-  if (bias) p.bias = bias->to(torch::kBFloat16).contiguous();
+  p.bias = bf16_bias(bias);
   return p;
 }
 
@@ -65,7 +70,7 @@ Proj make_int8(torch::Tensor weight, torch::Tensor scale, c10::optional<torch::T
   TORCH_CHECK(weight.dtype() == torch::kInt8 && weight.is_contiguous() && scale.dtype() == torch::kFloat, "int8 weight");
   Proj p;
   p.kind = PROJ_INT8, p.weight = weight, p.scale = scale, p.n = weight.size(0), p.k = weight.size(1);
-  if (bias) p.bias = bias->to(torch::kBFloat16).contiguous();
+  p.bias = bf16_bias(bias);
   return p;
 }
 
@@ -73,7 +78,7 @@ Proj make_dense(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(weight.dtype() == torch::kBFloat16 && weight.dim() == 2, "dense: a bf16 [n, k] weight");
   Proj p;
   p.kind = PROJ_DENSE, p.weight = weight, p.n = weight.size(0), p.k = weight.size(1);
-  if (bias) p.bias = bias->to(torch::kBFloat16).contiguous();
+  p.bias = bf16_bias(bias);
   return p;
 }
 
@@ -145,7 +150,7 @@ class DecodeStep {
     bf16* h = buf16(hidden_, 0);
     bf16 *q = buf16(qd, 1), *kk = buf16(kvd, 2), *vv = buf16(kvd, 3), *att = buf16(qd, 4), *o = buf16(hidden_, 5);
     bf16 *gt = buf16(inter_, 6), *up = buf16(inter_, 7);
-    std::vector<float> xf(std::max(inter_, std::max(hidden_, qd))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1));
+    std::vector<float> xf(std::max(inter_, std::max(hidden_, qd))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1)), acc(qd);
     bf16* xs = out.data_ptr<bf16>();
     const float *qc = q_cos.data_ptr<float>() + pos * d_, *qs = q_sin.data_ptr<float>() + pos * d_;
     const float *kc = cos.data_ptr<float>() + pos * d_, *ks = sin.data_ptr<float>() + pos * d_;
@@ -184,12 +189,13 @@ class DecodeStep {
           }
           float sum = 0.f;
           for (int64_t p = 0; p <= pos; ++p) sum += (s[p] = std::exp(s[p] - mx));
-          std::vector<float> acc(d_, 0.f);
+          float* a = acc.data() + hq * d_;
+          std::fill(a, a + d_, 0.f);
           for (int64_t p = 0; p <= pos; ++p) {
             const float pr = s[p] / sum;
-            for (int64_t i = 0; i < d_; ++i) acc[i] += pr * V[p * d_ + i];
+            for (int64_t i = 0; i < d_; ++i) a[i] += pr * V[p * d_ + i];
           }
-          for (int64_t i = 0; i < d_; ++i) att[hq * d_ + i] = bf16(acc[i]);
+          for (int64_t i = 0; i < d_; ++i) att[hq * d_ + i] = bf16(a[i]);
         }
       });
       proj(l.o, att, o, xf.data());

@@ -1,0 +1,129 @@
+"""Decode where DRAM is the limit: a Llama-3.2-3B-shaped model, lowbit beside llama.cpp.
+
+The embedded model (88 MB at 4 bits) can sit in a large L3; this one cannot (~1.7 GB at
+4 bits). Random weights (transformers' own initialization, seed 0) in Llama-3.2-3B's
+block shapes: 28 layers, hidden 3072, MLP 8192, 24 query / 8 KV heads of 128, tied
+embeddings; the vocabulary is the embedded tokenizer's 49152 (not 128256) so that the
+GGUF export carries a real tokenizer llama.cpp loads. Speed does not depend on the values.
+
+In one run: lowbit fp32 decode (the Python loop: PyTorch's GEMV), lowbit q4_0 with an
+int8 head (the C++ step), then llama.cpp's llama-bench on lowbit's Q4_0 export of the same
+codes (head Q8_0) before and after lowbit. Reported: tokens/s, bytes read per token and
+that rate as a share of the measured DRAM read roof.
+
+    python benchmarks/bandwidth.py [--out results/bandwidth.json] [--tokens 16]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# this file's folder holds gguf.py, which would shadow the `gguf` package: put src/ in its place
+sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+import torch  # noqa: E402
+
+from lowbit.evaluate.bench import read_bandwidth  # noqa: E402
+from lowbit.evaluate.host import host_info  # noqa: E402
+from lowbit.io.interop import llamacpp  # noqa: E402
+
+SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+             num_key_value_heads=8, head_dim=128, vocab_size=49152, tie_word_embeddings=True,
+             rope_theta=500000.0, max_position_embeddings=8192)
+
+
+def decode_rate(model, tokens: int) -> tuple[float, bool]:
+    """Tokens/s of lowbit's decoder at batch 1 after a 4-token prompt (best of two runs), and
+    whether the C++ step ran them."""
+    from lowbit.runtime.decode import Decoder
+
+    dec = Decoder(model, max_len=tokens + 8)
+    best = 0.0
+    for _ in range(2):
+        dec.reset()
+        dec.forward(torch.arange(4))
+        t = time.perf_counter()
+        for i in range(tokens):
+            dec.forward(torch.tensor([5 + i]))
+        best = max(best, tokens / (time.perf_counter() - t))
+    return best, dec.step is not None
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decoded token reads: every Linear's stored weight (codes, scales, zero points),
+    not the embedding table (one row per token) unless it is also the head."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.qweight.nbytes()
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/bandwidth.json")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.api import make_recipe, quantize
+    from lowbit.core.scheme import Scheme
+    from lowbit.io.interop.gguf_io import export_gguf
+    from lowbit.models.load import embedded_gguf
+
+    llamacpp.build()
+    read_roof = read_bandwidth()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{params / 1e9:.2f} B parameters", file=sys.stderr)
+    rows = {}
+    rate, _ = decode_rate(model, max(2, args.tokens // 4))  # fp32 reads 12 GB a token: a few suffice
+    rows["fp32"] = {"decode_tokens_per_s": rate, "bytes_per_token": weight_bytes(model), "native_step": False}
+    print(f"fp32 {rate:.2f} tok/s", file=sys.stderr)
+    recipe = make_recipe("q4_0", "rtn")
+    recipe.overrides["lm_head"] = Scheme.parse("w8a16")
+    model = quantize(model, recipe=recipe, progress=True, float_dtype=torch.bfloat16).model.to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = Path(tmp) / "lowbit-q4_0.gguf"
+        export_gguf(model, None, gguf, source_gguf=embedded_gguf("smollm2-135m"), requantize="q8_0")
+        before = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
+        rate, native = decode_rate(model, args.tokens)
+        after = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
+        gguf_bytes = gguf.stat().st_size
+    rows["q4_0 +int8 lm_head"] = {"decode_tokens_per_s": rate, "bytes_per_token": weight_bytes(model),
+                                  "native_step": native}
+    for r in rows.values():
+        r["read_gb_per_s"] = r["decode_tokens_per_s"] * r["bytes_per_token"] / 1e9
+        r["percent_of_read_roof"] = 100 * r["read_gb_per_s"] / read_roof
+    q, peer = rows["q4_0 +int8 lm_head"], (before["decode_tokens_per_s"] + after["decode_tokens_per_s"]) / 2
+    res = {"host": host_info(), "threads": args.threads, "shape": SHAPE, "params": params,
+           "read_roof_gb_per_s": read_roof, "variants": rows,
+           "llama_cpp": {"sdist": llamacpp.SDIST, "file": "lowbit's Q4_0 export (head Q8_0)", "file_bytes": gguf_bytes,
+                         "before": before, "after": after},
+           "q4_0_vs_fp32": q["decode_tokens_per_s"] / rows["fp32"]["decode_tokens_per_s"],
+           "q4_0_vs_llama_cpp_q4_0": q["decode_tokens_per_s"] / peer,
+           "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    for n, r in rows.items():
+        print(f"lowbit {n:24s} {r['decode_tokens_per_s']:7.2f} tok/s  {r['bytes_per_token'] / 1e9:5.2f} GB/token  "
+              f"{r['read_gb_per_s']:5.1f} GB/s = {r['percent_of_read_roof']:.0f}% of the read roof "
+              f"({read_roof:.1f} GB/s)", file=sys.stderr)
+    print(f"llama.cpp Q4_0 (lowbit's file)  {before['decode_tokens_per_s']:.2f} & {after['decode_tokens_per_s']:.2f} tok/s; "
+          f"lowbit q4_0 / llama.cpp {res['q4_0_vs_llama_cpp_q4_0']:.2f}x, / fp32 {res['q4_0_vs_fp32']:.2f}x",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
