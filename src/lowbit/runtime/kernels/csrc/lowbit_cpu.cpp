@@ -135,6 +135,21 @@ struct TileAcc {
       for (int i = 0; i < M; ++i) e[rr][i][s % CH] = _mm512_dpbf16_ps(e[rr][i][s % CH], v, xs[i]);
     }
   }
+  // the same for groups of 32 (one group per sub-chunk: GGUF's block-32 types): each product
+  // sum goes straight into acc with its scale, no chain to merge and clear (same numbers as
+  // dot + step, where the other chain is zero), ~40% fewer vector ops per weight byte
+  LB_INLINE void dot_group32(const __m512i* wv, int s, const at::BFloat16* x, int64_t k, int64_t col, __m512i low4,
+                             __m512i magic, const float* sbuf, int64_t G) {
+    __m512bh xs[M];
+    for (int i = 0; i < M; ++i) xs[i] = ldx(x + i * k + col);
+    for (int rr = 0; rr < TILE; ++rr) {
+      const __m512bh v = sub_chunk(wv[rr], s, low4, magic);
+      const __m512 sv = _mm512_set1_ps(sbuf[rr * G + j]);
+      for (int i = 0; i < M; ++i)
+        acc[rr][i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), v, xs[i]), sv, acc[rr][i]);
+    }
+    ++j;
+  }
   LB_INLINE void step(const float* sbuf, int64_t G, int64_t subs_per_group) {
     if (--left) return;
     for (int rr = 0; rr < TILE; ++rr) {
@@ -169,6 +184,10 @@ void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst
     for (int rr = 0; rr < TILE; ++rr) {
       prefetch_ahead(tile + (c * TILE + rr) * 64);
       wv[rr] = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
+    }
+    if (spg == 1) {
+      for (int s = 0; s < 4; ++s) t.dot_group32(wv, s, x, k, 128 * c + 32 * s, low4, magic, sbuf, G);
+      continue;
     }
     t.dot(wv, 0, x, k, 128 * c, low4, magic);
     t.step(sbuf, G, spg);
