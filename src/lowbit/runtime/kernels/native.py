@@ -183,8 +183,8 @@ _scratch = threading.local()
 
 
 def _blocked_mm(x2: torch.Tensor, n: int, dequant) -> torch.Tensor:
-    """x2 @ W^T for many rows: compute-bound, so the weight read is amortized and a bf16 GEMM
-    (oneDNN; AMX tiles where present) does the work on ~2 MB blocks of W that
+    """x2 @ W^T for many rows on a CPU without AMX: compute-bound, so the weight read is
+    amortized and PyTorch's bf16 GEMM does the work on ~2 MB blocks of W that
     `dequant(r0, r1, scratch)` writes as bf16 rows (at least r0..r1) into one reused,
     cache-resident buffer per thread."""
     k = x2.shape[1]
