@@ -40,18 +40,10 @@ SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num
 def decode_rate(model, tokens: int) -> tuple[float, bool]:
     """Tokens/s of lowbit's decoder at batch 1 after a 4-token prompt (best of two runs), and
     whether the C++ step ran them."""
-    from lowbit.runtime.decode import Decoder
+    from lowbit.runtime.generate import generate
 
-    dec = Decoder(model, max_len=tokens + 8)
-    best = 0.0
-    for _ in range(2):
-        dec.reset()
-        dec.forward(torch.arange(4))
-        t = time.perf_counter()
-        for i in range(tokens):
-            dec.forward(torch.tensor([5 + i]))
-        best = max(best, tokens / (time.perf_counter() - t))
-    return best, dec.step is not None
+    runs = [generate(model, torch.arange(4)[None], tokens + 1, engine="lowbit") for _ in range(2)]
+    return max(r["decode_tokens_per_s"] for r in runs), runs[0]["native_step"]
 
 
 def weight_bytes(model) -> int:
