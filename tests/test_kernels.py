@@ -34,20 +34,43 @@ def test_every_case_has_a_fast_path(name, shape):
 
 
 def _supported():
-    """(kernel, scheme, shape, dtype) for every combination some kernel takes."""
+    """(kernel, scheme, shape, dtype, isa) for every combination some kernel takes; lowbit's own
+    kernels once per build (isa), PyTorch's with isa None."""
     out = []
     for name, shape in CASES:
         qt = quantize_tensor(torch.zeros(shape), name)
-        out += [pytest.param(k, name, shape, dt, id=f"{k.name}-{name}-{shape[0]}x{shape[1]}-{str(dt)[6:]}")
-                for k in KERNELS for dt in DTYPES if k.supports(qt, dt, torch.device("cpu"))]
+        for k in KERNELS:
+            for dt in DTYPES:
+                if k.supports(qt, dt, torch.device("cpu")):
+                    for isa in list(native.BUILDS) if k.name.startswith("lowbit-") else [None]:
+                        out.append(pytest.param(k, name, shape, dt, isa, id=f"{k.name}-{name}-{shape[0]}x{shape[1]}-"
+                                                f"{str(dt)[6:]}" + (f"-{isa}" if isa else "")))
     return out
 
 
-def test_native_kernels_build_where_the_cpu_has_avx512_bf16():
-    # CI runs on such a machine: a broken build must fail here, not silently fall back
-    if not set(native.CPU_FLAGS) <= native._cpu_flags() or os.environ.get("LOWBIT_NATIVE_KERNELS") == "0":
-        pytest.skip("CPU lacks AVX512-BF16 (or LOWBIT_NATIVE_KERNELS=0): lowbit's own kernels are not built here")
-    assert NATIVE
+def test_native_kernels_build_for_every_isa_the_cpu_runs(native_isa):
+    # CI runs on an AVX-512 host: a broken build must fail here (the fixture), not silently fall back
+    assert native.available() and native.module() is native.build(native_isa)
+
+
+def test_dispatch_takes_the_best_build_the_cpu_runs(monkeypatch):
+    if os.environ.get("LOWBIT_NATIVE_KERNELS") == "0":
+        pytest.skip("LOWBIT_NATIVE_KERNELS=0")
+    best = next((i for i in native.BUILDS if native.runs(i)), None)
+    monkeypatch.delenv("LOWBIT_ISA", raising=False)
+    native.isa.cache_clear()
+    try:
+        assert native.isa() == best
+        monkeypatch.setenv("LOWBIT_ISA", "avx2")
+        native.isa.cache_clear()
+        assert native.isa() == ("avx2" if native.runs("avx2") else None)
+        monkeypatch.setenv("LOWBIT_ISA", "sse2")
+        native.isa.cache_clear()
+        with pytest.raises(ValueError, match="LOWBIT_ISA"):
+            native.isa()
+    finally:
+        monkeypatch.undo()
+        native.isa.cache_clear()
 
 
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
@@ -59,8 +82,19 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
         assert not (build / "lock").exists()
 
 
-@pytest.mark.parametrize("kernel,name,shape,dtype", _supported())
-def test_kernel_matches_reference(kernel, name, shape, dtype):
+@pytest.fixture
+def pinned_isa(request, monkeypatch):
+    """Dispatch pinned to the build a test's `isa` parameter names (None: leave it alone)."""
+    isa = request.node.callspec.params.get("isa")
+    if isa is not None:
+        if not native.runs(isa):
+            pytest.skip(f"this CPU does not run lowbit's {isa} kernels")
+        monkeypatch.setattr(native, "isa", lambda: isa)
+    return isa
+
+
+@pytest.mark.parametrize("kernel,name,shape,dtype,isa", _supported())
+def test_kernel_matches_reference(kernel, name, shape, dtype, isa, pinned_isa):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
     qt = quantize_tensor(w, name)
@@ -102,9 +136,8 @@ def test_amx_prefill_matches_reference(name, shape):
     _prefill_check(name, shape)
 
 
-@pytest.mark.skipif(not NATIVE, reason="lowbit's own kernels are not built here")
 @pytest.mark.parametrize("name,shape", PREFILL_CASES)
-def test_blocked_prefill_matches_reference(name, shape, monkeypatch):
+def test_blocked_prefill_matches_reference(name, shape, native_isa, monkeypatch):
     # the path of CPUs without AMX: bf16 blocks of W into one reused buffer, PyTorch's GEMM; small
     # blocks here so that a weight takes several
     monkeypatch.setattr(native, "amx", lambda: False)

@@ -1,14 +1,21 @@
-"""lowbit's own AVX-512 kernels (csrc/lowbit_cpu.cpp), compiled on first use.
+"""lowbit's own CPU kernels (csrc/), compiled on first use for the ISA the CPU has.
 
 PyTorch's int4pack kernel reaches a fraction of the memory roof at batch 1; these
-unpack nibbles in registers next to a bf16 dot-product instruction (vdpbf16ps) and
-read each weight byte once. They need a C++ compiler and a CPU with AVX512-BF16; where
-either is missing `available()` is False and dispatch falls back to PyTorch's kernels.
-The build (about a minute, once) lands in torch's extension cache.
+unpack codes in registers next to the multiply and read each weight byte once. Two
+builds of one set of ops (csrc/ops.cpp) over one packed layout:
 
-Numerics: codes and activations are exact in bf16, products are summed in fp32 and the
-group scale is applied in fp32, so the only roundings are fp32 sums and the bf16
-output; the reference path rounds the dequantized weight to bf16 first.
+- "avx512" (csrc/avx512.cpp): AVX-512 with AVX512-BF16, nibbles turned into bf16 by one
+  logic op and multiplied by a bf16 dot-product instruction (vdpbf16ps); with AMX-BF16
+  tiles for prefill (csrc/amx_gemm.cpp) where the kernel grants them.
+- "avx2" (csrc/avx2.cpp): AVX2 + FMA, codes multiplied in fp32, for CPUs without
+  AVX512-BF16.
+
+`module()` builds the best the CPU runs (`LOWBIT_ISA=avx2` forces the fallback); where no
+build applies or compiles, `available()` is False and dispatch falls back to PyTorch's
+kernels. A build (about a minute, once) lands in torch's extension cache.
+
+Numerics: sums in fp32 and the group scale applied in fp32, so the only roundings are
+fp32 sums and the bf16 output; the reference path rounds the dequantized weight to bf16 first.
 """
 from __future__ import annotations
 
@@ -24,11 +31,23 @@ import torch
 
 from lowbit.core.tensor import QuantizedTensor
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "lowbit_cpu.cpp", CSRC / "decode_step.cpp", CSRC / "amx_gemm.cpp"]  # + lowbit_cpu.h, declarations only
-NAME = "lowbit_cpu"  # torch's extension cache rebuilds it when a source changes
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
+CSRC = Path(__file__).parent / "csrc"  # + common.h, lowbit_cpu.h: headers only
+
+
+class Build:
+    def __init__(self, isa: str, cpu_flags: tuple[str, ...], sources: tuple[str, ...], cflags: tuple[str, ...]):
+        self.isa, self.cpu_flags = isa, cpu_flags
+        self.sources = [CSRC / s for s in ("ops.cpp", "decode_step.cpp") + sources]
+        self.cflags = ["-O3", "-fopenmp", *cflags]
+        self.name = f"lowbit_cpu_{isa}"  # torch's extension cache rebuilds it when a source changes
+
+
+BUILDS = {  # best first
+    "avx512": Build("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma"),
+                    ("avx512.cpp", "amx_gemm.cpp"),
+                    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma", "-DLOWBIT_AMX")),
+    "avx2": Build("avx2", ("avx2", "fma", "f16c"), ("avx2.cpp",), ("-mavx2", "-mfma", "-mf16c")),
+}
 
 
 def _cpu_flags() -> set[str]:
@@ -42,25 +61,51 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@lru_cache(maxsize=1)
-def module():
-    """The compiled extension, or None (no compiler, no AVX512-BF16, or LOWBIT_NATIVE_KERNELS=0)."""
-    if os.environ.get("LOWBIT_NATIVE_KERNELS", "1") == "0" or sys.platform != "linux":
+def runs(isa: str) -> bool:
+    """Whether this CPU runs the `isa` build's instructions."""
+    return sys.platform == "linux" and set(BUILDS[isa].cpu_flags) <= _cpu_flags()
+
+
+@lru_cache(maxsize=None)
+def build(isa: str):
+    """The compiled `isa` build, or None (the CPU lacks its ISA, or no compiler)."""
+    if not runs(isa):
         return None
-    if not set(CPU_FLAGS) <= _cpu_flags():
-        return None
+    b = BUILDS[isa]
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        build = Path(_get_build_directory(NAME, verbose=False))
-        with _build_lock(build):
-            if not any(build.glob("*.so")):
-                print("lowbit: compiling its CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
-            return load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        out = Path(_get_build_directory(b.name, verbose=False))
+        with _build_lock(out):
+            if not any(out.glob("*.so")):
+                print(f"lowbit: compiling its {isa} CPU kernels (once, ~60 s)", file=sys.stderr, flush=True)
+            return load(name=b.name, sources=[str(p) for p in b.sources], extra_cflags=b.cflags,
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler must not break inference: PyTorch's kernels remain
-        warnings.warn(f"lowbit: native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      "using PyTorch's packed kernels", stacklevel=2)
+        warnings.warn(f"lowbit: native {isa} CPU kernels unavailable ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}); using PyTorch's packed kernels", stacklevel=2)
         return None
+
+
+@lru_cache(maxsize=1)
+def isa() -> str | None:
+    """The build dispatch uses: the best one this CPU runs that compiled, or the one LOWBIT_ISA
+    names; None with LOWBIT_NATIVE_KERNELS=0."""
+    if os.environ.get("LOWBIT_NATIVE_KERNELS", "1") == "0":
+        return None
+    forced = os.environ.get("LOWBIT_ISA")
+    if forced is not None and forced not in BUILDS:
+        raise ValueError(f"LOWBIT_ISA={forced!r}: expected one of {', '.join(BUILDS)}")
+    for name in BUILDS if forced is None else (forced,):
+        if build(name) is not None:
+            return name
+    return None
+
+
+def module():
+    """The compiled build dispatch uses, or None (then PyTorch's kernels run)."""
+    name = isa()
+    return build(name) if name else None
 
 
 @contextmanager
@@ -80,13 +125,17 @@ def available() -> bool:
     return module() is not None
 
 
-@lru_cache(maxsize=1)
 def amx() -> bool:
-    """Prefill on AMX tiles (csrc/amx_gemm.cpp): the CPU has AMX-BF16, the kernel lets this
-    process use the tile state, and LOWBIT_AMX is not 0. Otherwise prefill dequantizes blocks
-    for PyTorch's bf16 GEMM."""
-    return (available() and os.environ.get("LOWBIT_AMX", "1") != "0"
-            and {"amx_tile", "amx_bf16"} <= _cpu_flags() and module().amx_ready())
+    """Prefill on AMX tiles (csrc/amx_gemm.cpp): the avx512 build runs, the CPU has AMX-BF16,
+    the kernel lets this process use the tile state, and LOWBIT_AMX is not 0. Otherwise
+    prefill dequantizes blocks for PyTorch's bf16 GEMM."""
+    return isa() == "avx512" and _amx_granted()
+
+
+@lru_cache(maxsize=1)
+def _amx_granted() -> bool:
+    return (os.environ.get("LOWBIT_AMX", "1") != "0" and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+            and build("avx512").amx_ready())
 
 
 # ---- int4: every <= 4-bit integer scheme; groups of any multiple of 32 -------------
@@ -105,7 +154,7 @@ def int4_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device)
     return k % 64 == 0 and k % g == 0 and g % 32 == 0 and available()
 
 
-TILE = 4  # weight rows interleaved per tile (csrc/lowbit_cpu.cpp)
+TILE = 4  # weight rows interleaved per tile (csrc/common.h)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -175,7 +224,7 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
         y = module().int4_mm_amx(x2, *args, n, st["group"], st["mode"], st["zconst"])
     else:
         y = _blocked_mm(x2, n, lambda r0, r1, out: module().int4_dequant(
-            *args, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // TILE) * TILE, out))
+            *args, n, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // TILE) * TILE, out))
     return y.reshape(*x.shape[:-1], n)
 
 

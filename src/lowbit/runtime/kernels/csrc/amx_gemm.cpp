@@ -14,7 +14,6 @@
 // Used only where the CPU has AMX-BF16 and the kernel grants the tile state to the process
 // (arch_prctl); `amx_ready()` says which, and the Python side falls back to dequantized
 // blocks and PyTorch's bf16 GEMM otherwise.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -24,18 +23,12 @@
 
 #include <algorithm>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 namespace {
 
 constexpr int64_t WROWS = 32;  // weight rows per block: two A tiles
 constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-
-bool amx_ready() {
-  static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  return ok;
-}
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -146,19 +139,18 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_block(const at::BFloat16*
   }
 }
 
-// y = x @ W^T where dequant(r0, r1, out) writes weight rows [r0, r1) as bf16 into out (stride k).
-using Dequant = std::function<void(int64_t, int64_t, at::BFloat16*)>;
+}  // namespace
 
-torch::Tensor amx_mm(torch::Tensor x, int64_t n, const Dequant& dequant) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
-  TORCH_CHECK(amx_ready(), "AMX tiles are not available to this process");
-  const int64_t m = x.size(0), k = x.size(1), mblocks = (m + 15) / 16, kblocks = k / 32;
-  TORCH_CHECK(k % 32 == 0, "k must be a multiple of 32");
-  auto xt = torch::empty({mblocks * kblocks * 512}, x.options());
-  pack_activations(x.data_ptr<at::BFloat16>(), m, k, xt.data_ptr<at::BFloat16>());
-  auto y = torch::empty({m, n}, x.options());
-  const auto* xtp = xt.data_ptr<at::BFloat16>();
-  auto* yp = y.data_ptr<at::BFloat16>();
+bool lowbit::amx_ready() {
+  static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return ok;
+}
+
+void lowbit::amx_gemm(const at::BFloat16* x, int64_t m, int64_t k, int64_t n, const Dequant& dequant,
+                      at::BFloat16* y) {
+  const int64_t mblocks = (m + 15) / 16, kblocks = k / 32;
+  std::vector<at::BFloat16> xt(mblocks * kblocks * 512);
+  pack_activations(x, m, k, xt.data());
   at::parallel_for(0, (n + WROWS - 1) / WROWS, 1, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<at::BFloat16> w;  // reused: a fresh buffer per call costs page faults
     w.resize(WROWS * k);
@@ -168,40 +160,10 @@ torch::Tensor amx_mm(torch::Tensor x, int64_t n, const Dequant& dequant) {
       dequant(r0, r1, w.data());
       if (r1 - r0 < WROWS) std::memset(w.data() + (r1 - r0) * k, 0, (WROWS - (r1 - r0)) * k * 2);
       for (int64_t mb = 0; mb < mblocks; mb += 2) {
-        if (mblocks - mb >= 2) tile_block<2>(w.data(), xtp, kblocks, mb, m, n, r0, yp);
-        else tile_block<1>(w.data(), xtp, kblocks, mb, m, n, r0, yp);
+        if (mblocks - mb >= 2) tile_block<2>(w.data(), xt.data(), kblocks, mb, m, n, r0, y);
+        else tile_block<1>(w.data(), xt.data(), kblocks, mb, m, n, r0, y);
       }
     }
     release_tiles();
   });
-  return y;
-}
-
-torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n,
-                          int64_t group_size, int64_t zero_mode, double zero_const) {
-  const int64_t k = x.size(-1);
-  TORCH_CHECK(k % 64 == 0 && k % group_size == 0 && group_size % 32 == 0, "bad k / group size");
-  TORCH_CHECK(codes.numel() == (n + 3) / 4 * 4 * k / 2 && scale.is_contiguous() && codes.is_contiguous(), "codes: tiled layout");
-  const void* zp = zero_mode == 0 ? nullptr : zero.data_ptr();
-  return amx_mm(x, n, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
-    lowbit::int4_dequant_rows(codes.data_ptr<uint8_t>(), scale.data_ptr(), scale.dtype() == torch::kHalf, zp,
-                              zero_mode, static_cast<float>(zero_const), k, group_size, r0, r1, out);
-  });
-}
-
-torch::Tensor int8_mm_amx(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && scale.dtype() == torch::kFloat, "w int8, scale fp32");
-  TORCH_CHECK(w.size(1) == x.size(-1) && w.size(1) % 32 == 0, "k must match w and be a multiple of 32");
-  const int64_t k = w.size(1);
-  return amx_mm(x, w.size(0), [&](int64_t r0, int64_t r1, at::BFloat16* out) {
-    lowbit::int8_dequant_rows(w.data_ptr<int8_t>(), scale.data_ptr<float>(), k, r0, r1, out);
-  });
-}
-
-}  // namespace
-
-void lowbit_register_amx(pybind11::module_& m) {
-  m.def("amx_ready", &amx_ready, "whether this CPU and kernel let the process use AMX tiles");
-  m.def("int4_mm_amx", &int4_mm_amx, "4-bit weight-only matmul for many rows on AMX tiles");
-  m.def("int8_mm_amx", &int8_mm_amx, "int8 per-channel weight-only matmul for many rows on AMX tiles");
 }

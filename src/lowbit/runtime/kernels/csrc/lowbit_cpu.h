@@ -1,10 +1,12 @@
-// The raw-pointer entry points of lowbit's CPU kernels (lowbit_cpu.cpp), shared with the
-// decode step (decode_step.cpp) and the AMX prefill (amx_gemm.cpp), which call them without
-// a tensor or Python in between.
+// The raw-pointer entry points of lowbit's CPU kernels, one implementation per ISA
+// (avx512.cpp, avx2.cpp; the build compiles one of them), shared by the torch-facing ops
+// (ops.cpp), the decode step (decode_step.cpp) and the AMX prefill (amx_gemm.cpp), which
+// call them without a tensor or Python in between.
 #pragma once
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <functional>
 
 namespace lowbit {
 
@@ -21,5 +23,12 @@ void int8_gemm(const float* x, int64_t m, int64_t k, const int8_t* w, const floa
 void int4_dequant_rows(const uint8_t* codes, const void* scale, bool half_scale, const void* zero, int64_t zero_mode,
                        float zconst, int64_t k, int64_t group_size, int64_t r0, int64_t r1, c10::BFloat16* out);
 void int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r0, int64_t r1, c10::BFloat16* out);
+
+// AMX-BF16 builds only (amx_gemm.cpp): whether this process may use the tile state, and
+// y[m, n] = x[m, k] @ W^T for many rows, dequant(r0, r1, out) writing weight rows [r0, r1)
+// (r1 - r0 <= 32) as bf16 into out (row stride k). k % 32 == 0.
+using Dequant = std::function<void(int64_t, int64_t, c10::BFloat16*)>;
+bool amx_ready();
+void amx_gemm(const c10::BFloat16* x, int64_t m, int64_t k, int64_t n, const Dequant& dequant, c10::BFloat16* y);
 
 }  // namespace lowbit

@@ -14,10 +14,10 @@
 // float offset (w = scale * q + offset), minus the 128 * scale the bf16 trick added.
 //
 // int8 layout: int8 [n, k] and one fp32 scale per row; fp32 FMA on sign-extended codes.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "common.h"
 #include "lowbit_cpu.h"
 
 #include <type_traits>
@@ -25,35 +25,14 @@
 
 namespace {
 
-constexpr int MAX_M = 2;  // activation rows sharing one pass over the weights
-constexpr int TILE = 4;   // weight rows interleaved in the int4 layout
+using namespace lowbit::detail;
 
-enum ZeroMode { ZERO_CONST = 0, ZERO_INT = 1, ZERO_FLOAT = 2 };
+constexpr int MAX_M = 2;  // activation rows sharing one pass over the weights
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// Weights are read once per token, from DRAM: the hardware prefetcher alone kept too few
-// reads in flight for a core's share of the bandwidth (measured on the Xeon host: the int8
-// head 2.74 -> 1.89 ms, a W4 decode step ~15% faster). A prefetch past the end never faults.
-constexpr int64_t PREFETCH_BYTES = 4096;
-inline void prefetch_ahead(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
-}
-
 // 32 bf16 activations (unaligned load)
 inline __m512bh ldx(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-
-// sum of x over each group, fp32: the zero-point term multiplies it.
-void group_sums(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, float* sx) {
-  const int64_t G = k / g;
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < G; ++j) {
-      float s = 0.f;
-      const at::BFloat16* p = x + i * k + j * g;
-      for (int64_t c = 0; c < g; ++c) s += static_cast<float>(p[c]);
-      sx[i * G + j] = s;
-    }
-}
 
 #define LB_INLINE inline __attribute__((always_inline))
 
@@ -268,18 +247,6 @@ void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, fl
   }
 }
 
-// Calls f(S{}, std::integral_constant<int, ZMODE>{}) for the stored scale type (fp16 / fp32)
-// and zero-point mode: the one place the kernels' template arguments are chosen at run time.
-template <typename F>
-void dispatch(bool half, int64_t zero_mode, F&& f) {
-  auto by_zero = [&](auto s) {
-    if (zero_mode == ZERO_CONST) f(s, std::integral_constant<int, ZERO_CONST>{});
-    else if (zero_mode == ZERO_INT) f(s, std::integral_constant<int, ZERO_INT>{});
-    else f(s, std::integral_constant<int, ZERO_FLOAT>{});
-  };
-  if (half) by_zero(at::Half{}); else by_zero(float{});
-}
-
 }  // namespace
 
 void lowbit::int4_gemm(const at::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
@@ -297,32 +264,6 @@ void lowbit::int4_gemm(const at::BFloat16* x, int64_t m, int64_t k, const uint8_
   });
 }
 
-// y[m, n] (bf16) = x[m, k] (bf16) @ W^T, W from 4-bit codes in tiles; zero_mode selects the zero term.
-torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
-                      int64_t n, int64_t group_size, int64_t zero_mode, double zero_const) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
-  const int64_t m = x.size(0), k = x.size(1), n_tiles = (n + TILE - 1) / TILE;
-  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == n_tiles * TILE * k / 2,
-              "codes: contiguous uint8, ceil(n/4)*4 rows of k/2 bytes");
-  TORCH_CHECK(k % 64 == 0 && k % group_size == 0 && group_size % 32 == 0, "k must be a multiple of 64 and of the group size (a multiple of 32)");
-  const int64_t G = k / group_size;
-  TORCH_CHECK(scale.is_contiguous() && scale.numel() == n_tiles * TILE * G, "scale: contiguous [ceil(n/4)*4, k/group_size]");
-  TORCH_CHECK(scale.dtype() == torch::kHalf || scale.dtype() == torch::kFloat, "scale: fp16 or fp32");
-  TORCH_CHECK(zero_mode == ZERO_CONST || zero.numel() == scale.numel(), "zero: one per scale");
-  auto y = torch::empty({m, n}, x.options());
-  lowbit::int4_gemm(x.data_ptr<at::BFloat16>(), m, k, codes.data_ptr<uint8_t>(), scale.data_ptr(),
-                    scale.dtype() == torch::kHalf, zero_mode == ZERO_CONST ? nullptr : zero.data_ptr(), zero_mode,
-                    static_cast<float>(zero_const), n, group_size, y.data_ptr<at::BFloat16>());
-  return y;
-}
-
-// The first rows * k elements of `out` (a reused scratch: a fresh 2 MB tensor per call cost
-// more in page faults than the dequantization itself), as a [rows, k] tensor.
-torch::Tensor rows_of(torch::Tensor out, int64_t rows, int64_t k) {
-  TORCH_CHECK(out.dtype() == torch::kBFloat16 && out.is_contiguous() && out.numel() >= rows * k, "out: bf16 scratch of rows * k");
-  return out.view(-1).narrow(0, 0, rows * k).view({rows, k});
-}
-
 void lowbit::int4_dequant_rows(const uint8_t* codes, const void* scale, bool half_scale, const void* zero,
                                int64_t zero_mode, float zconst, int64_t k, int64_t group_size, int64_t r0, int64_t r1,
                                at::BFloat16* out) {
@@ -331,22 +272,6 @@ void lowbit::int4_dequant_rows(const uint8_t* codes, const void* scale, bool hal
     int4_dequant_tiles<S, decltype(z)::value>(codes, static_cast<const S*>(scale), zero, zconst, k, group_size,
                                               r0 / TILE, (r1 + TILE - 1) / TILE, out);
   });
-}
-
-// W[row0:row1] as bf16 into out (row0, row1 multiples of 4, within the padded rows).
-torch::Tensor int4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t k, int64_t group_size,
-                           int64_t zero_mode, double zero_const, int64_t row0, int64_t row1, torch::Tensor scratch) {
-  TORCH_CHECK(row0 % TILE == 0 && row1 % TILE == 0 && row0 <= row1 && row1 * (k / 2) <= codes.numel(), "rows: tile-aligned range");
-  TORCH_CHECK(k % 64 == 0 && k % group_size == 0 && group_size % 32 == 0, "bad k / group size");
-  auto out = rows_of(scratch, row1 - row0, k);
-  const void* zp = zero_mode == ZERO_CONST ? nullptr : zero.data_ptr();
-  auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(row0 / TILE, row1 / TILE, 4, [&](int64_t t0, int64_t t1) {
-    lowbit::int4_dequant_rows(codes.data_ptr<uint8_t>(), scale.data_ptr(), scale.dtype() == torch::kHalf, zp,
-                              zero_mode, static_cast<float>(zero_const), k, group_size, t0 * TILE, t1 * TILE,
-                              op + (t0 * TILE - row0) * k);
-  });
-  return out;
 }
 
 // Rows in order (one memory stream per thread); four chains over k per row hide FMA latency.
@@ -374,19 +299,6 @@ void lowbit::int8_gemm(const float* xp, int64_t m, int64_t k, const int8_t* wp, 
   });
 }
 
-// y[m, n] (bf16) = x[m, k] (bf16) @ (scale[n] * W[n, k] (int8))^T, fp32 accumulation.
-torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
-  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && scale.dtype() == torch::kFloat, "w int8, scale fp32");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(w.size(1) == k && k % 64 == 0, "k must be a multiple of 64 and match w");
-  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
-  auto y = torch::empty({m, n}, x.options());
-  lowbit::int8_gemm(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
-                    y.data_ptr<at::BFloat16>());
-  return y;
-}
-
 void lowbit::int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r0, int64_t r1,
                                at::BFloat16* out) {
   for (int64_t r = r0; r < r1; ++r) {  // bf16(scale * code): the reference rounding
@@ -398,27 +310,3 @@ void lowbit::int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, i
   }
 }
 
-// W[row0:row1] as bf16 into out (prefill, as int4_dequant).
-torch::Tensor int8_dequant(torch::Tensor w, torch::Tensor scale, int64_t row0, int64_t row1, torch::Tensor scratch) {
-  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && scale.dtype() == torch::kFloat, "w int8, scale fp32");
-  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.size(0) && w.size(1) % 16 == 0, "rows: a range of w; k % 16 == 0");
-  const int64_t k = w.size(1);
-  auto out = rows_of(scratch, row1 - row0, k);
-  auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(row0, row1, 16, [&](int64_t r0, int64_t r1) {
-    lowbit::int8_dequant_rows(w.data_ptr<int8_t>(), scale.data_ptr<float>(), k, r0, r1, op + (r0 - row0) * k);
-  });
-  return out;
-}
-
-void lowbit_register_decode(pybind11::module_& m);  // decode_step.cpp
-void lowbit_register_amx(pybind11::module_& m);     // amx_gemm.cpp
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations");
-  m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
-  m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations");
-  m.def("int8_dequant", &int8_dequant, "rows of an int8 per-channel weight as bf16");
-  lowbit_register_decode(m);
-  lowbit_register_amx(m);
-}

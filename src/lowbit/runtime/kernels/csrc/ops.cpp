@@ -1,0 +1,161 @@
+// The torch-facing side of lowbit's CPU kernels: each op checks its tensors once and calls
+// the raw kernels of lowbit_cpu.h, which the build takes from avx512.cpp or avx2.cpp (the
+// layouts are documented there and in kernels/native.py). LOWBIT_AMX builds add prefill on
+// AMX tiles (amx_gemm.cpp) behind the same checks.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "common.h"
+#include "lowbit_cpu.h"
+
+namespace {
+
+using namespace lowbit::detail;
+
+constexpr int64_t n_padded(int64_t n) { return (n + TILE - 1) / TILE * TILE; }
+
+// 4-bit codes in tiles for an [n, k] weight, with their scales and zero terms (mode 0: none).
+void check_int4(int64_t k, const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
+                int64_t n, int64_t group_size, int64_t zero_mode) {
+  TORCH_CHECK(k % 64 == 0 && group_size % 32 == 0 && k % group_size == 0,
+              "k must be a multiple of 64 and of the group size (a multiple of 32)");
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == n_padded(n) * k / 2,
+              "codes: contiguous uint8, ceil(n/4)*4 rows of k/2 bytes");
+  TORCH_CHECK((scale.dtype() == torch::kHalf || scale.dtype() == torch::kFloat) && scale.is_contiguous() &&
+              scale.numel() == n_padded(n) * (k / group_size), "scale: contiguous fp16/fp32 [ceil(n/4)*4, k/group_size]");
+  TORCH_CHECK(zero_mode == ZERO_CONST ||
+              (zero_mode == ZERO_INT && zero.dtype() == torch::kUInt8 && zero.is_contiguous() && zero.numel() == scale.numel()) ||
+              (zero_mode == ZERO_FLOAT && zero.dtype() == scale.dtype() && zero.is_contiguous() && zero.numel() == scale.numel()),
+              "zero: one per scale (uint8 zero points, or offsets of the scale's dtype)");
+}
+
+void check_int8(int64_t k, const torch::Tensor& w, const torch::Tensor& scale) {
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous() && w.size(1) == k && k % 64 == 0,
+              "w: contiguous int8 [n, k], k a multiple of 64 and equal to x's");
+  TORCH_CHECK(scale.dtype() == torch::kFloat && scale.is_contiguous() && scale.numel() == w.size(0), "scale: fp32 [n]");
+}
+
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [m, k]");
+}
+
+// The 4-bit kernels' arguments after the checks, as lowbit_cpu.h takes them.
+struct Int4 {
+  const uint8_t* codes;
+  const void* scale;
+  bool half;
+  const void* zero;
+  int64_t zero_mode, k, group;
+  float zconst;
+
+  Int4(int64_t k_, const torch::Tensor& c, const torch::Tensor& s, const torch::Tensor& z, int64_t n, int64_t g,
+       int64_t mode, double zc)
+      : codes(c.data_ptr<uint8_t>()), scale(s.data_ptr()), half(s.dtype() == torch::kHalf),
+        zero(mode == ZERO_CONST ? nullptr : z.data_ptr()), zero_mode(mode), k(k_), group(g),
+        zconst(static_cast<float>(zc)) {
+    check_int4(k_, c, s, z, n, g, mode);
+  }
+  void dequant(int64_t r0, int64_t r1, at::BFloat16* out) const {
+    lowbit::int4_dequant_rows(codes, scale, half, zero, zero_mode, zconst, k, group, r0, r1, out);
+  }
+};
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ W^T, W from 4-bit codes in tiles; zero_mode selects the zero term.
+torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                      int64_t n, int64_t group_size, int64_t zero_mode, double zero_const) {
+  check_x(x);
+  const Int4 w(x.size(1), codes, scale, zero, n, group_size, zero_mode, zero_const);
+  auto y = torch::empty({x.size(0), n}, x.options());
+  lowbit::int4_gemm(x.data_ptr<at::BFloat16>(), x.size(0), w.k, w.codes, w.scale, w.half, w.zero, w.zero_mode,
+                    w.zconst, n, w.group, y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+// The first rows * k elements of `out` (a reused scratch: a fresh 2 MB tensor per call cost
+// more in page faults than the dequantization itself), as a [rows, k] tensor.
+torch::Tensor rows_of(torch::Tensor out, int64_t rows, int64_t k) {
+  TORCH_CHECK(out.dtype() == torch::kBFloat16 && out.is_contiguous() && out.numel() >= rows * k, "out: bf16 scratch of rows * k");
+  return out.view(-1).narrow(0, 0, rows * k).view({rows, k});
+}
+
+// W[row0:row1] as bf16 into scratch (row0, row1 multiples of 4, within the padded rows).
+torch::Tensor int4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n, int64_t k,
+                           int64_t group_size, int64_t zero_mode, double zero_const, int64_t row0, int64_t row1,
+                           torch::Tensor scratch) {
+  const Int4 w(k, codes, scale, zero, n, group_size, zero_mode, zero_const);
+  TORCH_CHECK(row0 % TILE == 0 && row1 % TILE == 0 && 0 <= row0 && row0 <= row1 && row1 <= n_padded(n),
+              "rows: a tile-aligned range of the padded rows");
+  auto out = rows_of(scratch, row1 - row0, k);
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(row0 / TILE, row1 / TILE, 4, [&](int64_t t0, int64_t t1) {
+    w.dequant(t0 * TILE, t1 * TILE, op + (t0 * TILE - row0) * k);
+  });
+  return out;
+}
+
+// y[m, n] (bf16) = x[m, k] (bf16) @ (scale[n] * W[n, k] (int8))^T, fp32 accumulation.
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  check_x(x);
+  check_int8(x.size(1), w, scale);
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
+  auto y = torch::empty({m, n}, x.options());
+  lowbit::int8_gemm(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
+                    y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+// W[row0:row1] as bf16 into scratch (prefill, as int4_dequant).
+torch::Tensor int8_dequant(torch::Tensor w, torch::Tensor scale, int64_t row0, int64_t row1, torch::Tensor scratch) {
+  check_int8(w.size(1), w, scale);
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.size(0), "rows: a range of w");
+  const int64_t k = w.size(1);
+  auto out = rows_of(scratch, row1 - row0, k);
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(row0, row1, 16, [&](int64_t r0, int64_t r1) {
+    lowbit::int8_dequant_rows(w.data_ptr<int8_t>(), scale.data_ptr<float>(), k, r0, r1, op + (r0 - row0) * k);
+  });
+  return out;
+}
+
+#ifdef LOWBIT_AMX
+torch::Tensor amx_mm(const torch::Tensor& x, int64_t n, const lowbit::Dequant& dequant) {
+  TORCH_CHECK(lowbit::amx_ready(), "AMX tiles are not available to this process");
+  auto y = torch::empty({x.size(0), n}, x.options());
+  lowbit::amx_gemm(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), n, dequant, y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n,
+                          int64_t group_size, int64_t zero_mode, double zero_const) {
+  check_x(x);
+  const Int4 w(x.size(1), codes, scale, zero, n, group_size, zero_mode, zero_const);
+  return amx_mm(x, n, [&](int64_t r0, int64_t r1, at::BFloat16* out) { w.dequant(r0, r1, out); });
+}
+
+torch::Tensor int8_mm_amx(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  check_x(x);
+  check_int8(x.size(1), w, scale);
+  const int64_t k = w.size(1);
+  return amx_mm(x, w.size(0), [&](int64_t r0, int64_t r1, at::BFloat16* out) {
+    lowbit::int8_dequant_rows(w.data_ptr<int8_t>(), scale.data_ptr<float>(), k, r0, r1, out);
+  });
+}
+#endif
+
+}  // namespace
+
+void lowbit_register_decode(pybind11::module_& m);  // decode_step.cpp
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations");
+  m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
+  m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations");
+  m.def("int8_dequant", &int8_dequant, "rows of an int8 per-channel weight as bf16");
+#ifdef LOWBIT_AMX
+  m.def("amx_ready", &lowbit::amx_ready, "whether this CPU and kernel let the process use AMX tiles");
+  m.def("int4_mm_amx", &int4_mm_amx, "4-bit weight-only matmul for many rows on AMX tiles");
+  m.def("int8_mm_amx", &int8_mm_amx, "int8 per-channel weight-only matmul for many rows on AMX tiles");
+#endif
+  lowbit_register_decode(m);
+}
