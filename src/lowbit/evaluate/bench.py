@@ -100,12 +100,13 @@ def gemv_variants(n: int, k: int, group_size: int = 128, seed: int = 0) -> dict[
 def gemv_bench(shapes: list[tuple[int, int]], roof_gb_s: float, batch: int = 1, group_size: int = 128,
                min_bytes: int | None = None, variants: list[str] | None = None) -> list[dict]:
     """Per (shape, variant): seconds per GEMV over cache-cold weights (rotated through
-    cold_bytes() of copies), GB/s, % of roof."""
+    cold_bytes() of copies), GB/s, % of roof. `variants`: the names that contain one of
+    these, or that equal one given as '=name'."""
     min_bytes = min_bytes or cold_bytes()
     rows = []
     for n, k in shapes:
         for name, (make, nbytes, run) in gemv_variants(n, k, group_size).items():
-            if variants and not any(v in name for v in variants):
+            if variants and not any(name == v[1:] if v.startswith("=") else v in name for v in variants):
                 continue
             copies = 2 if "naive" in name else max(2, -(-min_bytes // nbytes))  # naive: compute-bound anyway
             t = _time_rotating(run, [make() for _ in range(copies)], torch.randn(batch, k))

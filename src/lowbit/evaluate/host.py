@@ -47,4 +47,12 @@ def host_info() -> dict:
     flags = cpu_flags()
     return {"cpu": info.get("model name", platform.processor() or platform.machine()),
             "isa": [f for f in ISA if f in flags], "caches": cache_sizes(),
-            "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine()}
+            "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),
+            "lowbit_kernels": _kernels()}
+
+
+def _kernels() -> dict:
+    """Which build of lowbit's own CPU kernels dispatch uses (None: PyTorch's), and whether prefill uses AMX."""
+    from lowbit.runtime.kernels import native
+
+    return {"isa": native.isa(), "amx": native.amx()}

@@ -64,6 +64,19 @@ void permute_x(const at::BFloat16* x, int64_t k, float* xp) {
           xp[128 * nc + 32 * t + 8 * b + d] = static_cast<float>(x[128 * nc + 32 * t + 4 * d + b]) * unscale(8 * b + 4 * t);
 }
 
+// sum a[j] * b[j], j < len: a scalar chain here cost as much as the GEMV on short rows
+LB_INLINE float dot(const float* a, const float* b, int64_t len) {
+  __m256 d0 = _mm256_setzero_ps(), d1 = d0;
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    d0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), d0);
+    d1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), d1);
+  }
+  float d = hsum(_mm256_add_ps(d0, d1));
+  for (; j < len; ++j) d += a[j] * b[j];
+  return d;
+}
+
 // 8 scales (or float offsets) as fp32
 LB_INLINE __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 LB_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -99,11 +112,7 @@ void row_prologue(const S* scale, const void* zp, float zconst, int64_t r, int64
     else if (ZMODE == ZERO_INT) zg[j] = -sv * static_cast<float>(static_cast<const uint8_t*>(zp)[r * G + j]);
     else zg[j] = load1(static_cast<const S*>(zp) + r * G + j);
   }
-  for (int64_t i = 0; i < m; ++i) {
-    float d = 0.f;
-    for (int64_t jj = 0; jj < G; ++jj) d += zg[jj] * sx[i * G + jj];
-    zdot[i] = d;
-  }
+  for (int64_t i = 0; i < m; ++i) zdot[i] = dot(zg, sx + i * G, G);
   if (g == 32) {
     std::copy(sg, sg + G, su);
     std::copy(zg, zg + G, zu);

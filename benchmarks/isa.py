@@ -1,0 +1,102 @@
+"""Every build of lowbit's CPU kernels this host runs, measured in one run.
+
+A CPU without AVX512-BF16 gets the AVX2 build (csrc/avx2.cpp). On an AVX-512 host this
+times both builds on the same memory system, so the fallback's cost is a ratio, not a
+guess about another machine:
+
+1. The embedded SmolLM2-135M: decode tokens/s at batch 1 (lowbit's decode loop, the C++
+   step) and prefill tokens/s (128-token prompt) of q4_0 (+ int8 head) per build, beside
+   fp32 and bf16, round-robin over `--rounds` rounds, medians reported.
+2. Llama-7B-shaped GEMV (4096x4096, 11008x4096) at batch 1 on cache-cold weights: lowbit's
+   int4 (groups of 32, as q4_0) per build, beside fp32 and bf16 PyTorch.
+
+    python benchmarks/isa.py [--out results/isa.json]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+import torch  # noqa: E402
+
+from lowbit.evaluate.bench import gemv_bench, prefill_tokens_per_s, read_bandwidth, speed_variants  # noqa: E402
+from lowbit.evaluate.host import host_info  # noqa: E402
+from lowbit.models import load_float  # noqa: E402
+from lowbit.runtime.generate import generate  # noqa: E402
+from lowbit.runtime.kernels import native  # noqa: E402
+
+
+def pin(isa: str | None):
+    """Dispatch on the `isa` build from now on (None: the best one the CPU runs)."""
+    native.isa.cache_clear()
+    if isa is None:
+        os.environ.pop("LOWBIT_ISA", None)
+    else:
+        os.environ["LOWBIT_ISA"] = isa
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/isa.json")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    builds = [i for i in native.BUILDS if native.build(i) is not None]
+    if not builds:
+        sys.exit("isa.py: no build of lowbit's CPU kernels runs on this host")
+    _, tok = load_float("smollm2-135m")
+    models = speed_variants("smollm2-135m", ["q4_0"], lm_head="int8")
+    runs = [("fp32", None), ("bf16", None)] + [("q4_0 +int8 lm_head", i) for i in builds]
+    ids = tok("The history of the city begins", return_tensors="pt").input_ids
+    prompt = torch.randint(0, models["fp32"].config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    decode = {r: [] for r in runs}
+    prefill = {r: [] for r in runs}
+    for name, isa in runs:  # warm-up (and the kernels' first-use costs)
+        pin(isa)
+        generate(models[name], ids, 8)
+    for _ in range(args.rounds):
+        for name, isa in runs:
+            pin(isa)
+            g = generate(models[name], ids, args.tokens)
+            decode[name, isa].append(g["decode_tokens_per_s"])
+            prefill[name, isa].append(prefill_tokens_per_s(models[name], prompt, repeat=1))
+    del models
+    rows = []
+    for name, isa in runs:
+        rows.append({"model": name, "kernels": isa, "decode_tokens_per_s": statistics.median(decode[name, isa]),
+                     "prefill_tokens_per_s": statistics.median(prefill[name, isa]),
+                     "decode_rounds": decode[name, isa], "prefill_rounds": prefill[name, isa]})
+    fp32 = rows[0]["decode_tokens_per_s"]
+    for r in rows:
+        r["decode_vs_fp32"] = r["decode_tokens_per_s"] / fp32
+    stack = [(4096, 4096), (11008, 4096)]
+    roof = read_bandwidth()
+    pin(None)
+    gemv = gemv_bench(stack, roof, group_size=32, variants=["=fp32", "=bf16"])
+    for isa in builds:
+        pin(isa)
+        gemv += [dict(r, variant=f"{r['variant']} ({isa})") for r in gemv_bench(stack, roof, group_size=32, variants=["lowbit-int4"])]
+    pin(None)
+    res = {"host": host_info(), "threads": torch.get_num_threads(), "read_roof_gb_per_s": roof,
+           "embedded": rows, "gemv": gemv}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"{'embedded model':28s} {'kernels':8s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill 128':>12s}", file=sys.stderr)
+    for r in rows:
+        print(f"{r['model']:28s} {r['kernels'] or '-':8s} {r['decode_tokens_per_s']:12.1f} {r['decode_vs_fp32']:7.2f} "
+              f"{r['prefill_tokens_per_s']:12.0f}", file=sys.stderr)
+    print(f"\nGEMV, batch 1, cold weights (read roof {roof:.1f} GB/s)", file=sys.stderr)
+    for r in gemv:
+        print(f"{r['variant']:40s} {'x'.join(map(str, r['shape'])):11s} {r['us_per_call']:9.0f} us {r['gb_per_s']:6.1f} GB/s "
+              f"{r['percent_of_roof']:5.0f}%", file=sys.stderr)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
