@@ -54,10 +54,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+def _is_moe(block: nn.Module) -> bool:
+    return hasattr(block.mlp, "experts")
+
+
 def _projections(block: nn.Module) -> list[nn.Module]:
     """q, k, v, o, then gate, up, down unless the MLP is a mixture of experts."""
     att, mlp = block.self_attn, block.mlp
-    mlp_projs = [] if hasattr(mlp, "experts") else [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    mlp_projs = [] if _is_moe(block) else [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     return [att.q_proj, att.k_proj, att.v_proj, att.o_proj, *mlp_projs]
 
 
@@ -70,7 +74,7 @@ class _Layer:
         projs = [call(m) for m in _projections(block)]
         self.q, self.k, self.v, self.o = projs[:4]
         # a mixture-of-experts block is called whole: its router, then the routed experts
-        self.moe = call(mlp) if hasattr(mlp, "experts") else None
+        self.moe = call(mlp) if _is_moe(block) else None
         if self.moe is None:
             self.gate, self.up, self.down = projs[4:]
         self.norm1 = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
@@ -108,7 +112,7 @@ def _native_step(model: nn.Module, dec: "Decoder"):
     norm = lambda n: mod.Norm(n.weight.detach(), n.variance_epsilon) if n is not None else mod.Norm(None, 0.0)  # noqa: E731
     for block in model.model.layers:
         att = block.self_attn
-        if hasattr(block.mlp, "experts") or block.input_layernorm.weight.dtype != torch.bfloat16:
+        if _is_moe(block) or block.input_layernorm.weight.dtype != torch.bfloat16:
             return None
         projs = [_native_proj(mod, m) for m in _projections(block)]
         if any(p is None for p in projs):
