@@ -99,6 +99,9 @@ def isa() -> str | None:
     for name in BUILDS if forced is None else (forced,):
         if build(name) is not None:
             return name
+    if forced is not None:
+        warnings.warn(f"lowbit: LOWBIT_ISA={forced}, but this CPU does not run that build; using PyTorch's packed kernels",
+                      stacklevel=2)
     return None
 
 

@@ -1,5 +1,6 @@
 // lowbit's own CPU kernels (AVX-512 + AVX512-BF16): weight-only GEMV / small GEMM that
-// unpack codes in registers, next to the multiply, and never write a float weight.
+// unpack codes in registers, next to the multiply, and never write a float weight. The raw
+// entry points of lowbit_cpu.h; ops.cpp checks the tensors, avx2.cpp is the fallback build.
 //
 // int4 layout (made by kernels/native.py): rows in tiles of 4, each tile one contiguous
 // run of 4 * k/2 bytes, so a thread streams through memory in order (four separate
