@@ -48,12 +48,15 @@ def bigmodel_bench():
 def native_isa(request, monkeypatch):
     """The test once per build of lowbit's own CPU kernels, dispatch pinned to it; a build
     this CPU cannot run is skipped (CI on an AVX-512 host runs both: the AVX2 one is the
-    fallback of every CPU without AVX512-BF16)."""
+    fallback of every CPU without AVX512-BF16). Parametrized indirectly, None leaves
+    dispatch alone (a case for PyTorch's kernels)."""
     import os
 
     from lowbit.runtime.kernels import native
 
     isa = request.param
+    if isa is None:
+        return None
     if os.environ.get("LOWBIT_NATIVE_KERNELS") == "0" or not native.runs(isa):
         pytest.skip(f"this CPU does not run lowbit's {isa} kernels (or LOWBIT_NATIVE_KERNELS=0)")
     assert native.build(isa) is not None, f"lowbit's {isa} kernels failed to build on a CPU that runs them"

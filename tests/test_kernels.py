@@ -82,19 +82,8 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
         assert not (build / "lock").exists()
 
 
-@pytest.fixture
-def pinned_isa(request, monkeypatch):
-    """Dispatch pinned to the build a test's `isa` parameter names (None: leave it alone)."""
-    isa = request.node.callspec.params.get("isa")
-    if isa is not None:
-        if not native.runs(isa):
-            pytest.skip(f"this CPU does not run lowbit's {isa} kernels")
-        monkeypatch.setattr(native, "isa", lambda: isa)
-    return isa
-
-
-@pytest.mark.parametrize("kernel,name,shape,dtype,isa", _supported())
-def test_kernel_matches_reference(kernel, name, shape, dtype, isa, pinned_isa):
+@pytest.mark.parametrize("kernel,name,shape,dtype,native_isa", _supported(), indirect=["native_isa"])
+def test_kernel_matches_reference(kernel, name, shape, dtype, native_isa):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
     qt = quantize_tensor(w, name)
