@@ -48,13 +48,12 @@ struct Int4 {
   int64_t zero_mode, k, group;
   float zconst;
 
+  // checks first: a tensor of the wrong dtype must get check_int4's message, not data_ptr's
   Int4(int64_t k_, const torch::Tensor& c, const torch::Tensor& s, const torch::Tensor& z, int64_t n, int64_t g,
        int64_t mode, double zc)
-      : codes(c.data_ptr<uint8_t>()), scale(s.data_ptr()), half(s.dtype() == torch::kHalf),
-        zero(mode == ZERO_CONST ? nullptr : z.data_ptr()), zero_mode(mode), k(k_), group(g),
-        zconst(static_cast<float>(zc)) {
-    check_int4(k_, c, s, z, n, g, mode);
-  }
+      : codes((check_int4(k_, c, s, z, n, g, mode), c.data_ptr<uint8_t>())), scale(s.data_ptr()),
+        half(s.dtype() == torch::kHalf), zero(mode == ZERO_CONST ? nullptr : z.data_ptr()), zero_mode(mode), k(k_),
+        group(g), zconst(static_cast<float>(zc)) {}
   void dequant(int64_t r0, int64_t r1, at::BFloat16* out) const {
     lowbit::int4_dequant_rows(codes, scale, half, zero, zero_mode, zconst, k, group, r0, r1, out);
   }
