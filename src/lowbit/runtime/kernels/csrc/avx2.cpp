@@ -51,18 +51,22 @@ inline float unscale(int sh) { return sh == 28 ? 1.f : std::ldexp(1.f, -sh); }
 // t, the four (b) that multiply lanes(v, 8b + 4t).
 void permute_x(const at::BFloat16* x, int64_t k, float* xp) {
   const int64_t nc = k / 128;
+  float f[4][2];  // per (s, p): unscale(16p + 4s), once per call, not per element (a libm call)
+  for (int s = 0; s < 4; ++s)
+    for (int p = 0; p < 2; ++p) f[s][p] = unscale(16 * p + 4 * s);
   for (int64_t c = 0; c < nc; ++c)
     for (int s = 0; s < 4; ++s)
       for (int h = 0; h < 2; ++h)
         for (int p = 0; p < 2; ++p)
           for (int d = 0; d < 8; ++d)
-            xp[128 * c + 32 * s + 16 * h + 8 * p + d] =
-                static_cast<float>(x[128 * c + 32 * s + 16 * h + 2 * d + p]) * unscale(16 * p + 4 * s);
+            xp[128 * c + 32 * s + 16 * h + 8 * p + d] = static_cast<float>(x[128 * c + 32 * s + 16 * h + 2 * d + p]) * f[s][p];
   if (k % 128)
     for (int t = 0; t < 2; ++t)
-      for (int b = 0; b < 4; ++b)
+      for (int b = 0; b < 4; ++b) {
+        const float ft = unscale(8 * b + 4 * t);
         for (int d = 0; d < 8; ++d)
-          xp[128 * nc + 32 * t + 8 * b + d] = static_cast<float>(x[128 * nc + 32 * t + 4 * d + b]) * unscale(8 * b + 4 * t);
+          xp[128 * nc + 32 * t + 8 * b + d] = static_cast<float>(x[128 * nc + 32 * t + 4 * d + b]) * ft;
+      }
 }
 
 // sum a[j] * b[j], j < len
