@@ -109,14 +109,22 @@ def test_decoder_refusals(embedded):
         Decoder(mistral, 16)
 
 
-@pytest.mark.parametrize("family,scheme", [("llama", "w4a16-g32"), ("qwen2", "w4a16-g64-asym"), ("qwen3", "w8a16"),
-                                           ("mistral", None)])
-def test_native_step_matches_the_loop(family, scheme, native_isa):
+@pytest.mark.parametrize("family,scheme,gemv_act", [("llama", "w4a16-g32", "bf16"), ("qwen2", "w4a16-g64-asym", "bf16"),
+                                                    ("qwen3", "w8a16", "bf16"), ("mistral", None, "bf16"),
+                                                    ("llama", "w4a16-g32", "int8"), ("qwen2", "w4a16-g64-asym", "int8")])
+def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monkeypatch):
     """Single tokens through the C++ layer step (decode_step.cpp) against the Python loop on
     the same bf16 model: int4 (symmetric, affine), int8 and dense bf16 projections, q/k/v
-    biases, q/k norms, on each kernel build. Only fp32 summation order differs, so bf16
-    roundings rarely flip."""
+    biases, q/k norms, on each kernel build, and with the int4 GEMV's int8 activations
+    (LOWBIT_GEMV_ACT=int8, avx512 build), which the step and the loop must both take. Only
+    fp32 summation order differs, so bf16 roundings rarely flip."""
     import transformers
+
+    from lowbit.runtime.kernels import native
+
+    if gemv_act == "int8" and native_isa != "avx512":
+        pytest.skip("int8 activations: the avx512 build's GEMV")
+    monkeypatch.setenv("LOWBIT_GEMV_ACT", gemv_act)
 
     cfg = dict(TINY, intermediate_size=128)
     extra = {"qwen3": {"head_dim": 32}, "mistral": {"sliding_window": None}}.get(family, {})
@@ -131,12 +139,18 @@ def test_native_step_matches_the_loop(family, scheme, native_isa):
     model = model.to(torch.bfloat16)
     fast, loop = Decoder(model, 24), Decoder(model, 24, native=False)
     assert fast.step is not None and loop.step is None
+    assert native.gemv_act_int8() == (gemv_act == "int8")
     ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
     a = torch.stack([fast.forward(i) for i in ids[0, :, None]]).float()
     b = torch.stack([loop.forward(i) for i in ids[0, :, None]]).float()
     ulp = b.abs().max().item() / 128  # one bf16 rounding step at the largest logit
     torch.testing.assert_close(fast.k_cache, loop.k_cache, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a, b, atol=ulp, rtol=0)
+    if gemv_act == "int8":  # the step took the setting: its logits differ from bf16 activations'
+        monkeypatch.setenv("LOWBIT_GEMV_ACT", "bf16")
+        exact = Decoder(model, 24)
+        assert not torch.equal(a, torch.stack([exact.forward(i) for i in ids[0, :, None]]).float())
+        monkeypatch.setenv("LOWBIT_GEMV_ACT", gemv_act)
     # after a prompt through the loop (t > 1), single tokens continue in C++ on the same cache
     fast.reset()
     torch.testing.assert_close(torch.stack([fast.forward(ids[:, :12])] + [fast.forward(ids[:, i:i + 1]) for i in range(12, 20)]).float(),

@@ -98,6 +98,59 @@ def test_kernel_matches_reference(kernel, name, shape, dtype, native_isa):
         assert ((y - ref).abs() <= eps * scale + 1e-6).all(), (name, dtype, m, float((y - ref).abs().max()))
 
 
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's activation rounding, which LOWBIT_GEMV_ACT=int8 asks of the int4 GEMV: int8 in
+    blocks of 32 columns, scale amax / 127, to nearest even; returns x_hat (fp32)."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True).double()
+    # IEEE fp32 quotients, as the kernel's: torch divides a tensor by a scalar through its reciprocal,
+    # which moves x * inv off a .5 tie now and then
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)).float()
+    return (torch.round(xb * inv) * (amax / 127.0).float()).reshape(x.shape)
+
+
+@pytest.mark.skipif(not NATIVE or not native.runs("avx512"), reason="the int8-activation GEMV is in the avx512 build "
+                    "(AVX512-VNNI); this CPU does not run it")
+@pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (1536, 576)), ("int4-g128", (64, 512)),
+                                        ("int4-g32-asym", (576, 1536)), ("int4-channel", (6, 576)),
+                                        ("int4-g96", (36, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
+                                        ("q4_0", (40, 576)), ("q4_1", (40, 576))])
+def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
+    # integer products are exact, so all that may differ from dequant(W) @ x_hat is fp32 summation
+    # and the one bf16 rounding of the output; x_hat is at most amax/254 from x per element
+    monkeypatch.setattr(native, "isa", lambda: "avx512")
+    torch.manual_seed(0)
+    qt = quantize_tensor(torch.randn(shape) * 0.05, name)
+    kernel = select(qt, torch.bfloat16, torch.device("cpu"))
+    assert kernel.name == "lowbit-int4"
+    st = kernel.prepare(qt, torch.bfloat16)
+    w = qt.dequantize().double()
+    for m in (1, 2, 3):
+        x = torch.randn(m, shape[1])
+        x[:, 7] *= 40  # an outlier channel: its block alone loses precision
+        x = x.bfloat16()
+        monkeypatch.setenv("LOWBIT_GEMV_ACT", "int8")
+        y = kernel.run(x, st).double()
+        monkeypatch.setenv("LOWBIT_GEMV_ACT", "bf16")
+        y16 = kernel.run(x, st).double()
+        xh = round_activations_int8(x).double()
+        ref = xh @ w.t()
+        bound = 2 ** -8 * ref.abs() + 1e-5 * (xh.abs() @ w.abs().t()) + 1e-6
+        assert ((y - ref).abs() <= bound).all(), (name, m, float((y - ref).abs().max()))
+        assert not torch.equal(y, y16)  # the switch reached the kernel
+
+
+def test_gemv_activation_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("LOWBIT_GEMV_ACT", "int4")
+    with pytest.raises(ValueError, match="LOWBIT_GEMV_ACT"):
+        native.gemv_act_int8()
+    monkeypatch.setenv("LOWBIT_GEMV_ACT", "int8")
+    monkeypatch.setattr(native, "isa", lambda: "avx2")
+    native._warn_no_int8_gemv.cache_clear()
+    with pytest.warns(UserWarning, match="avx512 build"):
+        assert native.gemv_act_int8() is False
+
+
 PREFILL_CASES = [("int4-g64", (192, 576)), ("int4-g32-asym", (1000, 576)), ("int4-g64-asym", (100, 1536)),
                  ("int4-g32", (5, 704)), ("int4-g96", (37, 576)), ("int8-channel", (1000, 576))]
 

@@ -85,6 +85,7 @@ class _Layer:
 
 def _native_proj(mod, linear: nn.Module):
     """`linear` as the C++ step's projection, or None where it cannot run it."""
+    from lowbit.runtime.kernels import native
     from lowbit.runtime.qlinear import QuantLinear
 
     bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
@@ -92,7 +93,7 @@ def _native_proj(mod, linear: nn.Module):
         kernel, st = linear.packed_kernel(torch.bfloat16, torch.device("cpu"))
         if kernel is not None and kernel.name == "lowbit-int4":
             return mod.proj_int4(st["codes"], st["scale"], st["zero"], st["n"], linear.in_features, st["group"],
-                                 st["mode"], st["zconst"], bias)
+                                 st["mode"], st["zconst"], bias, native.gemv_act_int8())
         if kernel is not None and kernel.name == "lowbit-int8":
             return mod.proj_int8(st["w"], st["scale"], bias)
         return None

@@ -6,7 +6,9 @@ builds of one set of ops (csrc/ops.cpp) over one packed layout:
 
 - "avx512" (csrc/avx512.cpp): AVX-512 with AVX512-BF16, nibbles turned into bf16 by one
   logic op and multiplied by a bf16 dot-product instruction (vdpbf16ps); with AMX-BF16
-  tiles for prefill (csrc/amx_gemm.cpp) where the kernel grants them.
+  tiles for prefill (csrc/amx_gemm.cpp) where the kernel grants them, and, opt-in
+  (`LOWBIT_GEMV_ACT=int8`, `gemv_act_int8()`), a GEMV on activations rounded to int8
+  (AVX512-VNNI integer dot products: llama.cpp's numerics, faster where vdpbf16ps is slow).
 - "avx2" (csrc/avx2.cpp): AVX2 + FMA, codes multiplied in fp32, for CPUs without
   AVX512-BF16.
 
@@ -16,6 +18,8 @@ kernels. A build (about a minute, once) lands in torch's extension cache.
 
 Numerics: sums in fp32 and the group scale applied in fp32, so the only roundings are
 fp32 sums and the bf16 output; the reference path rounds the dequantized weight to bf16 first.
+With int8 activations, x is first rounded to int8 in blocks of 32 columns (scale amax/127)
+and the kernel computes dequant(W) @ x_hat: exact integer products, fp32 from there on.
 """
 from __future__ import annotations
 
@@ -43,9 +47,10 @@ class Build:
 
 
 BUILDS = {  # best first
-    "avx512": Build("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma"),
+    "avx512": Build("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
                     ("avx512.cpp", "amx_gemm.cpp"),
-                    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma", "-DLOWBIT_AMX")),
+                    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
+                     "-DLOWBIT_AMX", "-DLOWBIT_INT8_ACT")),
     "avx2": Build("avx2", ("avx2", "fma", "f16c"), ("avx2.cpp",), ("-mavx2", "-mfma", "-mf16c")),
 }
 
@@ -141,6 +146,30 @@ def _amx_granted() -> bool:
             and build("avx512").amx_ready())
 
 
+GEMV_ACTS = ("bf16", "int8")
+
+
+def gemv_act_int8() -> bool:
+    """Whether the int4 GEMV (up to GEMV_MAX_ROWS activation rows, so decode) rounds its
+    activations to int8 in blocks of 32 first: `LOWBIT_GEMV_ACT=int8`, and the avx512 build
+    runs. llama.cpp does this for every quantized type; lowbit keeps bf16 activations
+    unless asked, because it changes the numbers (benchmarks/speed.py measures what it
+    costs against the bf16-activation path). Read at each call, so a benchmark can switch."""
+    act = os.environ.get("LOWBIT_GEMV_ACT", "bf16")
+    if act not in GEMV_ACTS:
+        raise ValueError(f"LOWBIT_GEMV_ACT={act!r}: expected one of {', '.join(GEMV_ACTS)}")
+    if act == "int8" and isa() != "avx512":
+        _warn_no_int8_gemv()
+        return False
+    return act == "int8"
+
+
+@lru_cache(maxsize=1)
+def _warn_no_int8_gemv():
+    warnings.warn(f"lowbit: LOWBIT_GEMV_ACT=int8 needs the avx512 build of lowbit's kernels (this process uses "
+                  f"{isa() or 'none'}); the int4 GEMV keeps bf16 activations", stacklevel=3)
+
+
 # ---- int4: every <= 4-bit integer scheme; groups of any multiple of 32 -------------
 
 def _group_size(qt: QuantizedTensor) -> int:
@@ -222,7 +251,7 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     args = (st["codes"], st["scale"], st["zero"])
     n, k = st["n"], x2.shape[1]
     if x2.shape[0] <= GEMV_MAX_ROWS:
-        y = module().int4_mm(x2, *args, n, st["group"], st["mode"], st["zconst"])
+        y = module().int4_mm(x2, *args, n, st["group"], st["mode"], st["zconst"], gemv_act_int8())
     elif amx():
         y = module().int4_mm_amx(x2, *args, n, st["group"], st["mode"], st["zconst"])
     else:

@@ -49,24 +49,26 @@ LB_INLINE __m512 load16(const float* p, int64_t cnt) {
 
 // One row's scales as fp32 (sbuf) and its zero terms (zbuf), 16 groups at a time, and the
 // row's zero-term contribution sum_g zbuf[g] * sx[i][g] for each activation row i.
+// `bias` is what the kernel adds to every code before the scale (128 for the bf16 trick, 0 for
+// integer products), taken out again through the zero term.
 template <int M, typename S, int ZMODE>
 LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_t r, int64_t G, const float* sx,
-                            float* sbuf, float* zbuf, float* zdot) {
+                            float* sbuf, float* zbuf, float* zdot, float bias = 128.f) {
   __m512 zd[M];
   for (int i = 0; i < M; ++i) zd[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < G; j += 16) {
     const int64_t cnt = G - j;
     const __mmask16 m = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
     const __m512 sv = load16(scale + r * G + j, cnt);
-    __m512 z;  // zero term (see the top of the file), minus the 128 * scale of the bf16 trick
+    __m512 z;  // zero term (see the top of the file), minus the bias * scale the kernel adds
     if (ZMODE == ZERO_CONST) {
-      z = _mm512_mul_ps(sv, _mm512_set1_ps(-(zconst + 128.f)));
+      z = _mm512_mul_ps(sv, _mm512_set1_ps(-(zconst + bias)));
     } else if (ZMODE == ZERO_INT) {
       const __m128i zq = _mm_maskz_loadu_epi8(m, static_cast<const uint8_t*>(zp) + r * G + j);
       const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zq));
-      z = _mm512_mul_ps(sv, _mm512_sub_ps(_mm512_set1_ps(-128.f), zf));
+      z = _mm512_mul_ps(sv, _mm512_sub_ps(_mm512_set1_ps(-bias), zf));
     } else {
-      z = _mm512_fnmadd_ps(sv, _mm512_set1_ps(128.f), load16(static_cast<const S*>(zp) + r * G + j, cnt));
+      z = _mm512_fnmadd_ps(sv, _mm512_set1_ps(bias), load16(static_cast<const S*>(zp) + r * G + j, cnt));
     }
     _mm512_mask_storeu_ps(sbuf + j, m, sv);
     _mm512_mask_storeu_ps(zbuf + j, m, z);
@@ -211,6 +213,145 @@ void int4_tiles(int64_t m, const uint8_t* codes, const S* scale, const void* zp,
   }
 }
 
+// ---- int8 activations (llama.cpp's numerics; opt-in, kernels/native.py) -------------------
+// vpdpbusd (AVX512-VNNI) multiplies unsigned bytes by signed bytes and sums each 4 into an
+// int32 lane: 64 exact products per instruction, where vdpbf16ps gives 32 and costs about
+// twice as much on the Xeon host. So x is rounded to int8 in blocks of 32 columns (scale
+// amax / 127, to nearest even), each block's integer sum is scaled by scale_w * scale_x in
+// fp32, and the zero term uses the rounded activations: the result is dequant(W) @ x_hat.
+//
+// Per 128-column chunk a row's 64 bytes give lo = bytes & 0xF (byte 2l: column l, byte 2l+1:
+// column l+64) and hi = (bytes >> 4) & 0xF (columns l+32, l+96). A byte shuffle moves each
+// 16-byte lane's even bytes before its odd ones, so every dword holds 4 columns of one block:
+// in lane t, dwords 0-1 are columns 8t..8t+7 and dwords 2-3 columns 64+8t..64+8t+7 (+32 for
+// hi), i.e. lo's dwords hold blocks (0, 0, 2, 2) of the chunk per lane and hi's (1, 1, 3, 3).
+// The activations are stored in that order once per call. A trailing 64-column chunk's byte
+// j is columns j and j+32: lo and hi side by side are columns 0..63 in order.
+
+// x [m, k] -> xq (int8 in the kernel's order), xs [m, k/32] block scales, sx [m, G] the group
+// sums of x_hat for the zero term.
+void quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, int8_t* xq, float* xs, float* sx) {
+  const int64_t B = k / 32, G = k / g;
+  const __m512i lo_idx = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi_idx = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  alignas(64) int8_t nat[128];
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(sx + i * G, sx + (i + 1) * G, 0.f);
+    for (int64_t b = 0; b < B; ++b) {
+      const __m512i raw = _mm512_loadu_si512(x + i * k + 32 * b);
+      const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+      const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.f;
+      const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+      _mm_store_si128(reinterpret_cast<__m128i*>(nat + 32 * (b % 4)), _mm512_cvtepi32_epi8(q0));
+      _mm_store_si128(reinterpret_cast<__m128i*>(nat + 32 * (b % 4) + 16), _mm512_cvtepi32_epi8(q1));
+      xs[i * B + b] = d;
+      sx[i * G + 32 * b / g] += d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+      int8_t* out = xq + i * k + 32 * (b - b % 4);
+      if (b % 4 == 3) {  // a whole chunk: into the kernel's order
+        const __m512i a = _mm512_load_si512(nat), c = _mm512_load_si512(nat + 64);
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi64(a, lo_idx, c));
+        _mm512_storeu_si512(out + 64, _mm512_permutex2var_epi64(a, hi_idx, c));
+      } else if (b == B - 1) {  // the trailing 64 columns stay in order
+        std::copy(nat, nat + 64, out);
+      }
+    }
+  }
+}
+
+// One tile (TILE weight rows) against M int8 activation rows; sblk holds TILE * M * k/32 scratch.
+template <int M, typename S, int ZMODE>
+void int4_tile_a8(const uint8_t* tile, const S* scale, const void* zp, float zconst, const int8_t* xq,
+                  const float* xs, const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t r,
+                  float* sbuf, float* zbuf, float* sblk) {
+  const int64_t G = k / g, B = k / 32, nc = k / 128;
+  float zdot[TILE][M];
+  for (int rr = 0; rr < TILE; ++rr) {
+    row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, zbuf + rr * G, zdot[rr], 0.f);
+    for (int i = 0; i < M; ++i) {  // scale_w * scale_x per block of 32 columns
+      float* out = sblk + (rr * M + i) * B;
+      const float* sw = sbuf + rr * G;
+      if (g == 32) {
+        for (int64_t b = 0; b < B; b += 16) {
+          const __mmask16 m = B - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (B - b)) - 1);
+          _mm512_mask_storeu_ps(out + b, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sw + b),
+                                                          _mm512_maskz_loadu_ps(m, xs + i * B + b)));
+        }
+      } else {
+        for (int64_t j = 0, b = 0; j < G; ++j)
+          for (int64_t u = 0; u < g / 32; ++u, ++b) out[b] = sw[j] * xs[i * B + b];
+      }
+    }
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i evens_first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  __m512 acc[TILE][M];
+  for (int rr = 0; rr < TILE; ++rr)
+    for (int i = 0; i < M; ++i) acc[rr][i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c) {
+    __m512i xlo[M], xhi[M];
+    for (int i = 0; i < M; ++i) {
+      xlo[i] = _mm512_loadu_si512(xq + i * k + 128 * c);
+      xhi[i] = _mm512_loadu_si512(xq + i * k + 128 * c + 64);
+    }
+#pragma GCC unroll 4  // the accumulators stay in registers only if every index is a constant
+    for (int rr = 0; rr < TILE; ++rr) {
+      const uint8_t* p = tile + (c * TILE + rr) * 64;
+      prefetch_ahead(p);
+      const __m512i wv = _mm512_loadu_si512(p);
+      const __m512i lo = _mm512_shuffle_epi8(_mm512_and_si512(wv, low4), evens_first);
+      const __m512i hi = _mm512_shuffle_epi8(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low4), evens_first);
+#pragma GCC unroll 2
+      for (int i = 0; i < M; ++i) {
+        const __m512 s4 = _mm512_broadcast_f32x4(_mm_loadu_ps(sblk + (rr * M + i) * B + 4 * c));
+        const __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[i]);
+        const __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi[i]);
+        acc[rr][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), _mm512_permute_ps(s4, 0xA0), acc[rr][i]);
+        acc[rr][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_permute_ps(s4, 0xF5), acc[rr][i]);
+      }
+    }
+  }
+  if (k % 128) {  // trailing 64 columns: blocks B-2 (lower half) and B-1 (upper half)
+    const __m256i low4h = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int rr = 0; rr < TILE; ++rr) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + nc * TILE * 64 + rr * 32));
+      const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4h)),
+                                            _mm256_and_si256(_mm256_srli_epi16(b, 4), low4h), 1);
+#pragma GCC unroll 2
+      for (int i = 0; i < M; ++i) {
+        const float* sb = sblk + (rr * M + i) * B + B - 2;
+        const __m512 s2 = _mm512_castpd_ps(
+            _mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(sb[0])), _mm256_castps_pd(_mm256_set1_ps(sb[1])), 1));
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq + i * k + 128 * nc));
+        acc[rr][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s2, acc[rr][i]);
+      }
+    }
+  }
+  for (int rr = 0; rr < TILE && r + rr < n; ++rr)
+    for (int i = 0; i < M; ++i) y[i * n + r + rr] = at::BFloat16(hsum(acc[rr][i]) + zdot[rr][i]);
+}
+
+template <typename S, int ZMODE>
+void int4_tiles_a8(int64_t m, const uint8_t* codes, const S* scale, const void* zp, float zconst, const int8_t* xq,
+                   const float* xs, const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t t0,
+                   int64_t t1) {
+  const int64_t G = k / g, B = k / 32;
+  std::vector<float> sbuf(TILE * G), zbuf(TILE * G), sblk(TILE * MAX_M * B);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = codes + t * TILE * (k / 2);
+    for (int64_t i0 = 0; i0 < m; i0 += MAX_M) {
+      auto args = [&](auto tile_fn) {
+        tile_fn(tile, scale, zp, zconst, xq + i0 * k, xs + i0 * B, sx + i0 * G, y + i0 * n, n, k, g, t * TILE,
+                sbuf.data(), zbuf.data(), sblk.data());
+      };
+      if (m - i0 >= 2) args(int4_tile_a8<2, S, ZMODE>);
+      else args(int4_tile_a8<1, S, ZMODE>);
+    }
+  }
+}
+
 // Rows [t0*TILE, t1*TILE) of W as bf16 (for prefill: dequantize a block that stays in
 // cache, then a bf16 GEMM; at batch 1 the GEMV above never materializes W).
 template <typename S, int ZMODE>
@@ -261,6 +402,22 @@ void lowbit::int4_gemm(const at::BFloat16* x, int64_t m, int64_t k, const uint8_
       using S = decltype(s);
       int4_tiles<S, decltype(z)::value>(m, codes, static_cast<const S*>(scale), zero, zconst, x, sx.data(), y, n, k,
                                         group_size, t0, t1);
+    });
+  });
+}
+
+void lowbit::int4_gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
+                          bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
+                          int64_t group_size, at::BFloat16* y) {
+  const int64_t G = k / group_size, B = k / 32, n_tiles = (n + TILE - 1) / TILE;
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> xs(m * B), sx(m * G);
+  quantize_x(x, m, k, group_size, xq.data(), xs.data(), sx.data());
+  at::parallel_for(0, n_tiles, 4, [&](int64_t t0, int64_t t1) {
+    dispatch(half_scale, zero_mode, [&](auto s, auto z) {
+      using S = decltype(s);
+      int4_tiles_a8<S, decltype(z)::value>(m, codes, static_cast<const S*>(scale), zero, zconst, xq.data(), xs.data(),
+                                           sx.data(), y, n, k, group_size, t0, t1);
     });
   });
 }

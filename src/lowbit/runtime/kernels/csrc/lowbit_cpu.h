@@ -15,6 +15,11 @@ namespace lowbit {
 void int4_gemm(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale, bool half_scale,
                const void* zero, int64_t zero_mode, float zconst, int64_t n, int64_t group_size, c10::BFloat16* y);
 
+// The same with x rounded to int8 in blocks of 32 columns (llama.cpp's numerics): exact int32
+// products (AVX512-VNNI), y = dequant(W) @ x_hat. The avx512 build only (LOWBIT_INT8_ACT).
+void int4_gemm_a8(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale, bool half_scale,
+                  const void* zero, int64_t zero_mode, float zconst, int64_t n, int64_t group_size, c10::BFloat16* y);
+
 // y[m, n] = x[m, k] (fp32, exact copies of bf16 activations) @ (scale[n] * W[n, k] (int8))^T
 void int8_gemm(const float* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n, c10::BFloat16* y);
 

@@ -60,13 +60,22 @@ struct Int4 {
 };
 
 // y[m, n] (bf16) = x[m, k] (bf16) @ W^T, W from 4-bit codes in tiles; zero_mode selects the zero term.
+// act_int8: x rounded to int8 in blocks of 32 first (lowbit_cpu.h: int4_gemm_a8; avx512 build).
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
-                      int64_t n, int64_t group_size, int64_t zero_mode, double zero_const) {
+                      int64_t n, int64_t group_size, int64_t zero_mode, double zero_const, bool act_int8) {
   check_x(x);
   const Int4 w(x.size(1), codes, scale, zero, n, group_size, zero_mode, zero_const);
   auto y = torch::empty({x.size(0), n}, x.options());
-  lowbit::int4_gemm(x.data_ptr<at::BFloat16>(), x.size(0), w.k, w.codes, w.scale, w.half, w.zero, w.zero_mode,
-                    w.zconst, n, w.group, y.data_ptr<at::BFloat16>());
+  auto gemm = lowbit::int4_gemm;
+  if (act_int8) {
+#ifdef LOWBIT_INT8_ACT
+    gemm = lowbit::int4_gemm_a8;
+#else
+    TORCH_CHECK(false, "int8 activations: this build of lowbit's kernels has no int8-activation GEMV");
+#endif
+  }
+  gemm(x.data_ptr<at::BFloat16>(), x.size(0), w.k, w.codes, w.scale, w.half, w.zero, w.zero_mode, w.zconst, n,
+       w.group, y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -147,7 +156,7 @@ torch::Tensor int8_mm_amx(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
 void lowbit_register_decode(pybind11::module_& m);  // decode_step.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations");
+  m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations (or rounded to int8 blocks)");
   m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
   m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations");
   m.def("int8_dequant", &int8_dequant, "rows of an int8 per-channel weight as bf16");
