@@ -7,8 +7,10 @@ embeddings; the vocabulary is the embedded tokenizer's 49152 (not 128256) so tha
 GGUF export carries a real tokenizer llama.cpp loads. Speed does not depend on the values.
 
 In one run: lowbit fp32 decode (the Python loop: PyTorch's GEMV), lowbit q4_0 with an
-int8 head (the C++ step), then llama.cpp's llama-bench on lowbit's Q4_0 export of the same
-codes (head Q8_0) before and after lowbit. Reported: tokens/s, bytes read per token and
+int8 head (the C++ step), with bf16 activations and, where the avx512 build runs, with the
+int4 GEMV on int8 activations (LOWBIT_GEMV_ACT=int8: llama.cpp's numerics), then
+llama.cpp's llama-bench on lowbit's Q4_0 export of the same codes (head Q8_0) before and
+after lowbit. Reported: tokens/s, bytes read per token and
 that rate as a share of the DRAM read roof (the larger of two measurements, before and
 after the runs).
 
@@ -31,7 +33,9 @@ import torch  # noqa: E402
 from lowbit.evaluate.bench import read_bandwidth  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402
 from lowbit.io.interop import llamacpp  # noqa: E402
+from lowbit.runtime.kernels import native  # noqa: E402
 
+A8 = "q4_0 +int8 lm_head, int8 activations"
 SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
              num_key_value_heads=8, head_dim=128, vocab_size=49152, tie_word_embeddings=True,
              rope_theta=500000.0, max_position_embeddings=8192)
@@ -93,14 +97,20 @@ def main():
         gguf = Path(tmp) / "lowbit-q4_0.gguf"
         export_gguf(model, None, gguf, source_gguf=embedded_gguf("smollm2-135m"), requantize="q8_0")
         before = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
-        rate, native = decode_rate(model, args.tokens)
+        rate, native_step = decode_rate(model, args.tokens)
         print(f"q4_0 {rate:.2f} tok/s; llama.cpp before {before['decode_tokens_per_s']:.2f}", file=sys.stderr)
+        os.environ["LOWBIT_GEMV_ACT"] = "int8"
+        if native.gemv_act_int8():
+            rate8, step8 = decode_rate(model, args.tokens)
+            rows[A8] = {"decode_tokens_per_s": rate8, "bytes_per_token": weight_bytes(model), "native_step": step8}
+            print(f"q4_0, int8 activations {rate8:.2f} tok/s", file=sys.stderr)
+        os.environ["LOWBIT_GEMV_ACT"] = "bf16"
         after = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
         gguf_bytes = gguf.stat().st_size
     roofs.append(read_bandwidth())
     read_roof = max(roofs)
     rows["q4_0 +int8 lm_head"] = {"decode_tokens_per_s": rate, "bytes_per_token": weight_bytes(model),
-                                  "native_step": native}
+                                  "native_step": native_step}
     for r in rows.values():
         r["read_gb_per_s"] = r["decode_tokens_per_s"] * r["bytes_per_token"] / 1e9
         r["percent_of_read_roof"] = 100 * r["read_gb_per_s"] / read_roof
@@ -111,6 +121,7 @@ def main():
                          "before": before, "after": after},
            "q4_0_vs_fp32": q["decode_tokens_per_s"] / rows["fp32"]["decode_tokens_per_s"],
            "q4_0_vs_llama_cpp_q4_0": q["decode_tokens_per_s"] / peer,
+           **({"q4_0_int8_activations_vs_llama_cpp_q4_0": rows[A8]["decode_tokens_per_s"] / peer} if A8 in rows else {}),
            "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
@@ -122,6 +133,9 @@ def main():
     print(f"llama.cpp Q4_0 (lowbit's file)  {before['decode_tokens_per_s']:.2f} & {after['decode_tokens_per_s']:.2f} tok/s; "
           f"lowbit q4_0 / llama.cpp {res['q4_0_vs_llama_cpp_q4_0']:.2f}x, / fp32 {res['q4_0_vs_fp32']:.2f}x",
           file=sys.stderr)
+    if A8 in rows:
+        print(f"lowbit q4_0 with int8 activations / llama.cpp {res['q4_0_int8_activations_vs_llama_cpp_q4_0']:.2f}x",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 2. Embedded SmolLM2-135M: decode tokens/s at batch 1 (static KV cache) through
    lowbit's decode loop and through transformers' forward, and prefill tokens/s
    (prompts of 32 and 128 tokens) for fp32, bf16, fp16 and the quantized variants
-   (bf16 activations, packed kernels, lm_head int8).
+   (bf16 activations, packed kernels, lm_head int8); where the avx512 build runs, q4_0 is
+   timed a second time with its int4 GEMV on int8 activations (LOWBIT_GEMV_ACT=int8, the
+   rounding llama.cpp applies to every quantized type's dot products).
 3. llama.cpp (built from the llama-cpp-python sdist), timed by llama-bench before and after
    lowbit on the same model: F32, F16, BF16, Q8_0 and Q4_0 from llama-quantize, and
    lowbit's own Q4_0 export (same threads; decode of `--tokens`, prefill of 128).
@@ -32,6 +34,7 @@ from lowbit.evaluate.bench import (  # noqa: E402
     cold_bytes,
     copy_bandwidth,
     end_to_end,
+    environment,
     format_speed,
     gemv_bench,
     read_bandwidth,
@@ -42,6 +45,9 @@ from lowbit.io.interop import llamacpp  # noqa: E402
 from lowbit.io.interop.gguf_io import export_gguf  # noqa: E402
 from lowbit.models import load_float  # noqa: E402
 from lowbit.models.load import embedded_gguf  # noqa: E402
+from lowbit.runtime.kernels import native  # noqa: E402
+
+A8 = "q4_0 +int8 lm_head, int8 activations"
 
 
 def main():
@@ -61,7 +67,12 @@ def main():
     peer = llama_cpp_files(float_model, models["q4_0 +int8 lm_head"], tmp) if args.llama_cpp else {}
     # llama.cpp before and after lowbit: a host that drifts shows up as two different llama.cpp figures
     before = {n: llamacpp.bench(f, gen=args.tokens, threads=args.threads) for n, f in peer.items()}
-    e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=(32, 128))
+    env = {}
+    with environment({"LOWBIT_GEMV_ACT": "int8"}):
+        if native.gemv_act_int8():
+            models[A8] = models["q4_0 +int8 lm_head"]  # the same model, timed with int8 activations
+            env[A8] = {"LOWBIT_GEMV_ACT": "int8"}
+    e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=(32, 128), env=env)
     after = {n: llamacpp.bench(f, gen=args.tokens, threads=args.threads) for n, f in peer.items()}
     del models
     shutil.rmtree(tmp)
@@ -120,6 +131,9 @@ def format_peer(res: dict) -> str:
     q = v["q4_0 +int8 lm_head"]
     lines.append(f"lowbit q4_0 / llama.cpp Q4_0: decode {q['decode_tokens_per_s'] / ref('decode_tokens_per_s'):.2f}x, "
                  f"prefill {q['prefill_tokens_per_s_by_len']['128'] / ref('prefill_tokens_per_s'):.2f}x")
+    if A8 in v:
+        lines.append(f"lowbit q4_0 with int8 activations / llama.cpp Q4_0: decode "
+                     f"{v[A8]['decode_tokens_per_s'] / ref('decode_tokens_per_s'):.2f}x")
     return "\n".join(lines)
 
 

@@ -12,8 +12,10 @@ All ratios come from one run on one machine.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -167,23 +169,47 @@ def speed_variants(source: str, schemes: list[str], lm_head: str = "int8", progr
     return models
 
 
+@contextmanager
+def environment(settings: dict[str, str]):
+    """os.environ with `settings` applied, restored after."""
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64, prompt_lens=(32, 128),
-               prompt: str = "The history of the city begins", rounds: int = 3) -> dict[str, dict]:
+               prompt: str = "The history of the city begins", rounds: int = 3,
+               env: dict[str, dict[str, str]] | None = None) -> dict[str, dict]:
     """Decode tokens/s (batch 1, static cache) and prefill tokens/s per prompt length.
 
     Decode is timed through lowbit's decode loop where the architecture allows it (the
     headline figure) and through transformers' forward (always, `*_transformers`).
     Variants are timed round-robin, `rounds` times, and each reports its median: a
     neighbour's burst on a shared machine then hits every variant alike, not one of them.
+    `env`: per variant, environment settings it runs under (LOWBIT_GEMV_ACT=int8: one model
+    timed twice, with the int4 GEMV on bf16 and on int8 activations).
     """
     import statistics
+
+    env = env or {}
+
+    def run(name, fn, *args, **kwargs):
+        with environment(env.get(name, {})):
+            return fn(*args, **kwargs)
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     prompts = {n: torch.randint(0, next(iter(models.values())).config.vocab_size, (1, n),
                                 generator=torch.Generator().manual_seed(n)) for n in prompt_lens}
     engines = {name: sorted({decode_engine(m), "transformers"}) for name, m in models.items()}
     # one pass with Linear timers per engine (also the warm-up); the timed rounds run without hooks
-    timed = {(name, e): generate(m, ids, new_tokens, engine=e, time_linears=True)
+    timed = {(name, e): run(name, generate, m, ids, new_tokens, engine=e, time_linears=True)
              for name, m in models.items() for e in engines[name]}
     decode = {key: [] for key in timed}
     prefill = {name: {n: [] for n in prompt_lens} for name in models}
@@ -191,10 +217,10 @@ def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64,
     for _ in range(rounds):
         for name, m in models.items():
             for e in engines[name]:
-                last[name, e] = generate(m, ids, new_tokens, engine=e)
+                last[name, e] = run(name, generate, m, ids, new_tokens, engine=e)
                 decode[name, e].append(last[name, e]["decode_tokens_per_s"])
             for n, p in prompts.items():
-                prefill[name][n].append(prefill_tokens_per_s(m, p, repeat=1))
+                prefill[name][n].append(run(name, prefill_tokens_per_s, m, p, repeat=1))
     linear_fraction = {k: g["decode_linear_seconds"] / g["decode_seconds"] for k, g in timed.items()}
     out = {}
     for name, m in models.items():
