@@ -111,11 +111,12 @@ def test_decoder_refusals(embedded):
 
 @pytest.mark.parametrize("family,scheme,gemv_act", [("llama", "w4a16-g32", "bf16"), ("qwen2", "w4a16-g64-asym", "bf16"),
                                                     ("qwen3", "w8a16", "bf16"), ("mistral", None, "bf16"),
-                                                    ("llama", "w4a16-g32", "int8"), ("qwen2", "w4a16-g64-asym", "int8")])
+                                                    ("llama", "w4a16-g32", "int8"), ("qwen2", "w4a16-g64-asym", "int8"),
+                                                    ("qwen3", "w8a16", "int8")])
 def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monkeypatch):
     """Single tokens through the C++ layer step (decode_step.cpp) against the Python loop on
     the same bf16 model: int4 (symmetric, affine), int8 and dense bf16 projections, q/k/v
-    biases, q/k norms, on each kernel build, and with the int4 GEMV's int8 activations
+    biases, q/k norms, on each kernel build, and with the GEMVs' int8 activations
     (LOWBIT_GEMV_ACT=int8, avx512 build), which the step and the loop must both take. Only
     fp32 summation order differs, so bf16 roundings rarely flip."""
     import transformers

@@ -114,7 +114,8 @@ def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (1536, 576)), ("int4-g128", (64, 512)),
                                         ("int4-g32-asym", (576, 1536)), ("int4-channel", (6, 576)),
                                         ("int4-g96", (36, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
-                                        ("q4_0", (40, 576)), ("q4_1", (40, 576))])
+                                        ("q4_0", (40, 576)), ("q4_1", (40, 576)), ("int8-channel", (192, 576)),
+                                        ("int8-channel", (70, 704))])
 def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
     # integer products are exact, so all that may differ from dequant(W) @ x_hat is fp32 summation
     # and the one bf16 rounding of the output; x_hat is at most amax/254 from x per element
@@ -122,7 +123,7 @@ def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, mo
     torch.manual_seed(0)
     qt = quantize_tensor(torch.randn(shape) * 0.05, name)
     kernel = select(qt, torch.bfloat16, torch.device("cpu"))
-    assert kernel.name == "lowbit-int4"
+    assert kernel.name == ("lowbit-int8" if name.startswith("int8") else "lowbit-int4")
     st = kernel.prepare(qt, torch.bfloat16)
     w = qt.dequantize().double()
     for m in (1, 2, 3):

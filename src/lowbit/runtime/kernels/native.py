@@ -150,8 +150,8 @@ GEMV_ACTS = ("bf16", "int8")
 
 
 def gemv_act_int8() -> bool:
-    """Whether the int4 GEMV (up to GEMV_MAX_ROWS activation rows, so decode) rounds its
-    activations to int8 in blocks of 32 first: `LOWBIT_GEMV_ACT=int8`, and the avx512 build
+    """Whether lowbit's int4 and int8 GEMVs (up to GEMV_MAX_ROWS activation rows, so decode)
+    round their activations to int8 in blocks of 32 first: `LOWBIT_GEMV_ACT=int8`, and the avx512 build
     runs. llama.cpp does this for every quantized type; lowbit keeps bf16 activations
     unless asked, because it changes the numbers (benchmarks/speed.py measures what it
     costs against the bf16-activation path). Read at each call, so a benchmark can switch."""
@@ -302,7 +302,7 @@ def int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
 def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if x2.shape[0] <= GEMV_MAX_ROWS:
-        y = module().int8_mm(x2, st["w"], st["scale"])
+        y = module().int8_mm(x2, st["w"], st["scale"], gemv_act_int8())
     elif amx():
         y = module().int8_mm_amx(x2, st["w"], st["scale"])
     else:  # the fp32 kernel converts every code once per row: 10x a bf16 GEMM at 128 rows (the head)

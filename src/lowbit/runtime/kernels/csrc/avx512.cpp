@@ -228,9 +228,10 @@ void int4_tiles(int64_t m, const uint8_t* codes, const S* scale, const void* zp,
 // The activations are stored in that order once per call. A trailing 64-column chunk's byte
 // j is columns j and j+32: lo and hi side by side are columns 0..63 in order.
 
-// x [m, k] -> xq (int8 in the kernel's order), xs [m, k/32] block scales, sx [m, G] the group
-// sums of x_hat for the zero term.
-void quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, int8_t* xq, float* xs, float* sx) {
+// x [m, k] -> xq (int8; in the int4 kernel's order, or in column order), xs [m, k/32] block
+// scales, sx [m, G] the group sums of x_hat for the zero term.
+void quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, bool int4_order, int8_t* xq, float* xs,
+                float* sx) {
   const int64_t B = k / 32, G = k / g;
   const __m512i lo_idx = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi_idx = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   alignas(64) int8_t nat[128];
@@ -249,12 +250,12 @@ void quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, int8_t* 
       xs[i * B + b] = d;
       sx[i * G + 32 * b / g] += d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
       int8_t* out = xq + i * k + 32 * (b - b % 4);
-      if (b % 4 == 3) {  // a whole chunk: into the kernel's order
+      if (b % 4 == 3 && int4_order) {  // a whole chunk: into the int4 kernel's order
         const __m512i a = _mm512_load_si512(nat), c = _mm512_load_si512(nat + 64);
         _mm512_storeu_si512(out, _mm512_permutex2var_epi64(a, lo_idx, c));
         _mm512_storeu_si512(out + 64, _mm512_permutex2var_epi64(a, hi_idx, c));
-      } else if (b == B - 1) {  // the trailing 64 columns stay in order
-        std::copy(nat, nat + 64, out);
+      } else if (b % 4 == 3 || b == B - 1) {  // in column order (as is a trailing 64-column chunk)
+        std::copy(nat, nat + 32 * (b % 4 + 1), out);
       }
     }
   }
@@ -412,7 +413,7 @@ void lowbit::int4_gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, const uin
   const int64_t G = k / group_size, B = k / 32, n_tiles = (n + TILE - 1) / TILE;
   std::vector<int8_t> xq(m * k);
   std::vector<float> xs(m * B), sx(m * G);
-  quantize_x(x, m, k, group_size, xq.data(), xs.data(), sx.data());
+  quantize_x(x, m, k, group_size, true, xq.data(), xs.data(), sx.data());
   at::parallel_for(0, n_tiles, 4, [&](int64_t t0, int64_t t1) {
     dispatch(half_scale, zero_mode, [&](auto s, auto z) {
       using S = decltype(s);
@@ -452,6 +453,50 @@ void lowbit::int8_gemm(const float* xp, int64_t m, int64_t k, const int8_t* wp, 
           a3 = _mm512_fmadd_ps(wv(48), _mm512_loadu_ps(xi + c + 48), a3);
         }
         yp[i * n + r] = at::BFloat16(hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) * sp[r]);
+      }
+    }
+  });
+}
+
+// The same on activations rounded to int8 in blocks of 32 (as int4_gemm_a8). vpdpbusd takes
+// unsigned bytes: x + 128, whose extra 128 * sum(w) a second vpdpbusd against 128s takes off.
+// Columns stay in order, so in 64 columns lanes 0-7 hold one block and lanes 8-15 the next.
+void lowbit::int8_gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, const int8_t* wp, const float* sp, int64_t n,
+                          at::BFloat16* yp) {
+  const int64_t B = k / 32, C = k / 64;
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> xs(m * B), sx(m);
+  quantize_x(x, m, k, k, false, xq.data(), xs.data(), sx.data());
+  std::vector<uint8_t> xu(m * k);
+  for (int64_t j = 0; j < m * k; j += 64)
+    _mm512_storeu_si512(xu.data() + j, _mm512_xor_si512(_mm512_loadu_si512(xq.data() + j), _mm512_set1_epi8(-128)));
+  std::vector<float> sv(m * C * 16);  // per 64 columns: block 2c's scale in lanes 0-7, 2c+1's in 8-15
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < C; ++c)
+      for (int l = 0; l < 16; ++l) sv[(i * C + c) * 16 + l] = xs[i * B + 2 * c + l / 8];
+  const __m512i u128 = _mm512_set1_epi8(-128);  // 0x80: 128 as an unsigned byte
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* wr = wp + r * k;
+      for (int64_t i = 0; i < m; ++i) {
+        const uint8_t* xi = xu.data() + i * k;
+        const float* si = sv.data() + i * C * 16;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (int64_t c = 0; c < C; c += 2) {  // C is even unless k % 128 == 64: the second half is masked
+          prefetch_ahead(wr + 64 * c);
+          const __m512i w0 = _mm512_loadu_si512(wr + 64 * c);
+          const __m512i d0 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xi + 64 * c), w0),
+                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), u128, w0));
+          a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(si + 16 * c), a0);
+          if (c + 1 < C) {
+            const __m512i w1 = _mm512_loadu_si512(wr + 64 * c + 64);
+            const __m512i d1 = _mm512_sub_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xi + 64 * c + 64), w1),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), u128, w1));
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(si + 16 * c + 16), a1);
+          }
+        }
+        yp[i * n + r] = at::BFloat16(hsum(_mm512_add_ps(a0, a1)) * sp[r]);
       }
     }
   });

@@ -22,6 +22,9 @@ void int4_gemm_a8(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* c
 
 // y[m, n] = x[m, k] (fp32, exact copies of bf16 activations) @ (scale[n] * W[n, k] (int8))^T
 void int8_gemm(const float* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n, c10::BFloat16* y);
+// The same with x (bf16) rounded to int8 in blocks of 32, as int4_gemm_a8 (avx512 build only).
+void int8_gemm_a8(const c10::BFloat16* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n,
+                  c10::BFloat16* y);
 
 // Weight rows [r0, r1) as bf16 into out (row stride k), on the calling thread. The 4-bit one
 // writes whole 4-row tiles: rows up to r1 rounded up to 4 (padding rows come out zero).

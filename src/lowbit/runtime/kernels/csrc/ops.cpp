@@ -101,13 +101,22 @@ torch::Tensor int4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tens
   return out;
 }
 
-// y[m, n] (bf16) = x[m, k] (bf16) @ (scale[n] * W[n, k] (int8))^T, fp32 accumulation.
-torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+// y[m, n] (bf16) = x[m, k] (bf16) @ (scale[n] * W[n, k] (int8))^T, fp32 accumulation; act_int8 as int4_mm's.
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, bool act_int8) {
   check_x(x);
   check_int8(x.size(1), w, scale);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
   auto y = torch::empty({m, n}, x.options());
+  if (act_int8) {
+#ifdef LOWBIT_INT8_ACT
+    lowbit::int8_gemm_a8(x.data_ptr<at::BFloat16>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
+                         y.data_ptr<at::BFloat16>());
+    return y;
+#else
+    TORCH_CHECK(false, "int8 activations: this build of lowbit's kernels has no int8-activation GEMV");
+#endif
+  }
+  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
   lowbit::int8_gemm(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
                     y.data_ptr<at::BFloat16>());
   return y;
