@@ -481,21 +481,19 @@ void lowbit::int8_gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, const int
       for (int64_t i = 0; i < m; ++i) {
         const uint8_t* xi = xu.data() + i * k;
         const float* si = sv.data() + i * C * 16;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        for (int64_t c = 0; c < C; c += 2) {  // C is even unless k % 128 == 64: the second half is masked
+        auto step = [&](int64_t c, __m512& acc) {  // 64 columns: two blocks' integer sums, each scaled
           prefetch_ahead(wr + 64 * c);
-          const __m512i w0 = _mm512_loadu_si512(wr + 64 * c);
-          const __m512i d0 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xi + 64 * c), w0),
-                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), u128, w0));
-          a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(si + 16 * c), a0);
-          if (c + 1 < C) {
-            const __m512i w1 = _mm512_loadu_si512(wr + 64 * c + 64);
-            const __m512i d1 = _mm512_sub_epi32(
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xi + 64 * c + 64), w1),
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), u128, w1));
-            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(si + 16 * c + 16), a1);
-          }
+          const __m512i w = _mm512_loadu_si512(wr + 64 * c);
+          const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xi + 64 * c), w),
+                                             _mm512_dpbusd_epi32(_mm512_setzero_si512(), u128, w));
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(si + 16 * c), acc);
+        };
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;  // two chains hide the FMA latency
+        for (int64_t c = 0; c + 1 < C; c += 2) {
+          step(c, a0);
+          step(c + 1, a1);
         }
+        if (C % 2) step(C - 1, a0);
         yp[i * n + r] = at::BFloat16(hsum(_mm512_add_ps(a0, a1)) * sp[r]);
       }
     }
