@@ -10,7 +10,7 @@ guess about another machine:
 2. Llama-7B-shaped GEMV (4096x4096, 11008x4096) at batch 1 on cache-cold weights: lowbit's
    int4 (groups of 32, as q4_0) per build, beside fp32 and bf16 PyTorch.
 
-Where the avx512 build runs, both also run its int4 GEMV on activations rounded to int8
+Where the avx512 build runs, both also run its GEMVs on activations rounded to int8
 (LOWBIT_GEMV_ACT=int8: AVX512-VNNI, llama.cpp's numerics), and 3. says what that rounding
 costs: the q4_0 model decodes held-out text token by token (teacher-forced) with bf16 and
 with int8 activations; KL divergence and top-1 agreement of each against the fp32 model.

@@ -5,7 +5,7 @@
    lowbit's decode loop and through transformers' forward, and prefill tokens/s
    (prompts of 32 and 128 tokens) for fp32, bf16, fp16 and the quantized variants
    (bf16 activations, packed kernels, lm_head int8); where the avx512 build runs, q4_0 is
-   timed a second time with its int4 GEMV on int8 activations (LOWBIT_GEMV_ACT=int8, the
+   timed a second time with its GEMVs on int8 activations (LOWBIT_GEMV_ACT=int8, the
    rounding llama.cpp applies to every quantized type's dot products).
 3. llama.cpp (built from the llama-cpp-python sdist), timed by llama-bench before and after
    lowbit on the same model: F32, F16, BF16, Q8_0 and Q4_0 from llama-quantize, and

@@ -194,7 +194,7 @@ def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64,
     Variants are timed round-robin, `rounds` times, and each reports its median: a
     neighbour's burst on a shared machine then hits every variant alike, not one of them.
     `env`: per variant, environment settings it runs under (LOWBIT_GEMV_ACT=int8: one model
-    timed twice, with the int4 GEMV on bf16 and on int8 activations).
+    timed twice, with its GEMVs on bf16 and on int8 activations).
     """
     import statistics
 

@@ -151,10 +151,10 @@ GEMV_ACTS = ("bf16", "int8")
 
 def gemv_act_int8() -> bool:
     """Whether lowbit's int4 and int8 GEMVs (up to GEMV_MAX_ROWS activation rows, so decode)
-    round their activations to int8 in blocks of 32 first: `LOWBIT_GEMV_ACT=int8`, and the avx512 build
-    runs. llama.cpp does this for every quantized type; lowbit keeps bf16 activations
-    unless asked, because it changes the numbers (benchmarks/speed.py measures what it
-    costs against the bf16-activation path). Read at each call, so a benchmark can switch."""
+    round their activations to int8 in blocks of 32 first: `LOWBIT_GEMV_ACT=int8`, and the
+    avx512 build runs. llama.cpp does this for every quantized type; lowbit keeps bf16
+    activations unless asked, because it changes the numbers (benchmarks/isa.py measures the
+    KL it adds and the speed it buys). Read at each call, so a benchmark can switch."""
     act = os.environ.get("LOWBIT_GEMV_ACT", "bf16")
     if act not in GEMV_ACTS:
         raise ValueError(f"LOWBIT_GEMV_ACT={act!r}: expected one of {', '.join(GEMV_ACTS)}")
@@ -167,7 +167,7 @@ def gemv_act_int8() -> bool:
 @lru_cache(maxsize=1)
 def _warn_no_int8_gemv():
     warnings.warn(f"lowbit: LOWBIT_GEMV_ACT=int8 needs the avx512 build of lowbit's kernels (this process uses "
-                  f"{isa() or 'none'}); the int4 GEMV keeps bf16 activations", stacklevel=3)
+                  f"{isa() or 'none'}); the GEMVs keep bf16 activations", stacklevel=3)
 
 
 # ---- int4: every <= 4-bit integer scheme; groups of any multiple of 32 -------------

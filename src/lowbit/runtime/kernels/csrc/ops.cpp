@@ -167,7 +167,7 @@ void lowbit_register_decode(pybind11::module_& m);  // decode_step.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations (or rounded to int8 blocks)");
   m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
-  m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations");
+  m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations (or rounded to int8 blocks)");
   m.def("int8_dequant", &int8_dequant, "rows of an int8 per-channel weight as bf16");
 #ifdef LOWBIT_AMX
   m.def("amx_ready", &lowbit::amx_ready, "whether this CPU and kernel let the process use AMX tiles");
