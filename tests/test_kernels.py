@@ -99,7 +99,7 @@ def test_kernel_matches_reference(kernel, name, shape, dtype, native_isa):
 
 
 def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's activation rounding, which LOWBIT_GEMV_ACT=int8 asks of the int4 GEMV: int8 in
+    """llama.cpp's activation rounding, which LOWBIT_GEMV_ACT=int8 asks of the GEMVs: int8 in
     blocks of 32 columns, scale amax / 127, to nearest even; returns x_hat (fp32)."""
     xb = x.float().reshape(x.shape[0], -1, 32)
     amax = xb.abs().amax(-1, keepdim=True).double()
@@ -139,6 +139,23 @@ def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, mo
         bound = 2 ** -8 * ref.abs() + 1e-5 * (xh.abs() @ w.abs().t()) + 1e-6
         assert ((y - ref).abs() <= bound).all(), (name, m, float((y - ref).abs().max()))
         assert not torch.equal(y, y16)  # the switch reached the kernel
+
+
+def test_a_build_without_int8_activations_refuses_them(native_isa):
+    # the avx2 build has no int8-activation GEMVs: asking for one is an error, not a quiet bf16 run
+    torch.manual_seed(0)
+    x, mod = torch.randn(1, 128).bfloat16(), native.module()
+    st4, st8 = (select(qt, torch.bfloat16, torch.device("cpu")).prepare(qt, torch.bfloat16)
+                for qt in (quantize_tensor(torch.randn(8, 128), n) for n in ("int4-g32", "int8-channel")))
+    calls = [lambda: mod.int4_mm(x, st4["codes"], st4["scale"], st4["zero"], st4["n"], st4["group"], st4["mode"],
+                                 st4["zconst"], True),
+             lambda: mod.int8_mm(x, st8["w"], st8["scale"], True)]
+    for call in calls:
+        if native_isa == "avx512":
+            assert call().shape == (1, 8)
+        else:
+            with pytest.raises(RuntimeError, match="no int8-activation GEMV"):
+                call()
 
 
 def test_gemv_activation_setting_is_checked(monkeypatch):

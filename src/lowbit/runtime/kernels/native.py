@@ -50,7 +50,7 @@ BUILDS = {  # best first
     "avx512": Build("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
                     ("avx512.cpp", "amx_gemm.cpp"),
                     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
-                     "-DLOWBIT_AMX", "-DLOWBIT_INT8_ACT")),
+                     "-DLOWBIT_AMX")),
     "avx2": Build("avx2", ("avx2", "fma", "f16c"), ("avx2.cpp",), ("-mavx2", "-mfma", "-mf16c")),
 }
 

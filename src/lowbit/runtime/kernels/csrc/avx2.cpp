@@ -299,3 +299,13 @@ void lowbit::int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, i
                  _mm256_mul_ps(int8x8(w + r * k + c + 8), s));
   }
 }
+
+// No int8-activation GEMVs here (no VNNI in this build's ISA): every call refuses.
+bool lowbit::has_int8_act() { return false; }
+void lowbit::int4_gemm_a8(const at::BFloat16*, int64_t, int64_t, const uint8_t*, const void*, bool, const void*, int64_t,
+                          float, int64_t, int64_t, at::BFloat16*) {
+  check_act_int8(true);
+}
+void lowbit::int8_gemm_a8(const at::BFloat16*, int64_t, int64_t, const int8_t*, const float*, int64_t, at::BFloat16*) {
+  check_act_int8(true);
+}

@@ -467,9 +467,8 @@ void lowbit::int8_gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, const int
   std::vector<int8_t> xq(m * k);
   std::vector<float> xs(m * B), sx(m);
   quantize_x(x, m, k, k, false, xq.data(), xs.data(), sx.data());
-  std::vector<uint8_t> xu(m * k);
-  for (int64_t j = 0; j < m * k; j += 64)
-    _mm512_storeu_si512(xu.data() + j, _mm512_xor_si512(_mm512_loadu_si512(xq.data() + j), _mm512_set1_epi8(-128)));
+  for (int64_t j = 0; j < m * k; j += 64)  // in place: x + 128 as unsigned bytes
+    _mm512_storeu_si512(xq.data() + j, _mm512_xor_si512(_mm512_loadu_si512(xq.data() + j), _mm512_set1_epi8(-128)));
   std::vector<float> sv(m * C * 16);  // per 64 columns: block 2c's scale in lanes 0-7, 2c+1's in 8-15
   for (int64_t i = 0; i < m; ++i)
     for (int64_t c = 0; c < C; ++c)
@@ -479,7 +478,7 @@ void lowbit::int8_gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, const int
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* wr = wp + r * k;
       for (int64_t i = 0; i < m; ++i) {
-        const uint8_t* xi = xu.data() + i * k;
+        const uint8_t* xi = reinterpret_cast<const uint8_t*>(xq.data()) + i * k;
         const float* si = sv.data() + i * C * 16;
         auto step = [&](int64_t c, __m512& acc) {  // 64 columns: two blocks' integer sums, each scaled
           prefetch_ahead(wr + 64 * c);
@@ -499,6 +498,8 @@ void lowbit::int8_gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, const int
     }
   });
 }
+
+bool lowbit::has_int8_act() { return true; }
 
 void lowbit::int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r0, int64_t r1,
                                at::BFloat16* out) {

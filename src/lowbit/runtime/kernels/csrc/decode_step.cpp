@@ -35,17 +35,11 @@ struct Proj {
 
   void run(const bf16* x, bf16* y, float* xf) const {
     if (kind == PROJ_INT4) {
-#ifdef LOWBIT_INT8_ACT
-      const auto gemm = act_int8 ? lowbit::int4_gemm_a8 : lowbit::int4_gemm;
-#else
-      const auto gemm = lowbit::int4_gemm;
-#endif
-      gemm(x, 1, k, codes.data_ptr<uint8_t>(), scale.data_ptr(), scale.scalar_type() == at::kHalf,
-           zero_mode ? zero.data_ptr() : nullptr, zero_mode, static_cast<float>(zconst), n, group, y);
+      (act_int8 ? lowbit::int4_gemm_a8 : lowbit::int4_gemm)(
+          x, 1, k, codes.data_ptr<uint8_t>(), scale.data_ptr(), scale.scalar_type() == at::kHalf,
+          zero_mode ? zero.data_ptr() : nullptr, zero_mode, static_cast<float>(zconst), n, group, y);
     } else if (kind == PROJ_INT8 && act_int8) {
-#ifdef LOWBIT_INT8_ACT
       lowbit::int8_gemm_a8(x, 1, k, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), n, y);
-#endif
     } else if (kind == PROJ_INT8) {
       for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(x[i]);
       lowbit::int8_gemm(xf, 1, k, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), n, y);
@@ -65,19 +59,11 @@ torch::Tensor bf16_bias(const c10::optional<torch::Tensor>& bias) {
   return bias ? bias->to(torch::kBFloat16).contiguous() : torch::Tensor();
 }
 
-void check_act_int8(bool act_int8) {
-#ifndef LOWBIT_INT8_ACT
-  TORCH_CHECK(!act_int8, "int8 activations: this build of lowbit's kernels has no int8-activation GEMV");
-#else
-  (void)act_int8;
-#endif
-}
-
 Proj make_int4(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n, int64_t k, int64_t group,
                int64_t zero_mode, double zconst, c10::optional<torch::Tensor> bias, bool act_int8) {
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && scale.is_contiguous(), "int4: packed codes");
   TORCH_CHECK(k % 64 == 0 && k % group == 0 && group % 32 == 0, "int4: k a multiple of 64 and of the group size");
-  check_act_int8(act_int8);
+  lowbit::check_act_int8(act_int8);
   Proj p;
   p.kind = PROJ_INT4, p.codes = codes, p.scale = scale, p.zero = zero, p.n = n, p.k = k, p.group = group;
   p.zero_mode = zero_mode, p.zconst = zconst, p.act_int8 = act_int8;
@@ -87,7 +73,7 @@ Proj make_int4(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int
 
 Proj make_int8(torch::Tensor weight, torch::Tensor scale, c10::optional<torch::Tensor> bias, bool act_int8) {
   TORCH_CHECK(weight.dtype() == torch::kInt8 && weight.is_contiguous() && scale.dtype() == torch::kFloat, "int8 weight");
-  check_act_int8(act_int8);
+  lowbit::check_act_int8(act_int8);
   Proj p;
   p.kind = PROJ_INT8, p.weight = weight, p.scale = scale, p.n = weight.size(0), p.k = weight.size(1);
   p.act_int8 = act_int8;

@@ -4,6 +4,7 @@
 // call them without a tensor or Python in between.
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <functional>
@@ -16,15 +17,22 @@ void int4_gemm(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* code
                const void* zero, int64_t zero_mode, float zconst, int64_t n, int64_t group_size, c10::BFloat16* y);
 
 // The same with x rounded to int8 in blocks of 32 columns (llama.cpp's numerics): exact int32
-// products (AVX512-VNNI), y = dequant(W) @ x_hat. The avx512 build only (LOWBIT_INT8_ACT).
+// products (AVX512-VNNI), y = dequant(W) @ x_hat. Only the avx512 build has them
+// (has_int8_act()); the avx2 build's refuse, as check_act_int8 below.
 void int4_gemm_a8(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale, bool half_scale,
                   const void* zero, int64_t zero_mode, float zconst, int64_t n, int64_t group_size, c10::BFloat16* y);
 
 // y[m, n] = x[m, k] (fp32, exact copies of bf16 activations) @ (scale[n] * W[n, k] (int8))^T
 void int8_gemm(const float* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n, c10::BFloat16* y);
-// The same with x (bf16) rounded to int8 in blocks of 32, as int4_gemm_a8 (avx512 build only).
+// The same with x (bf16) rounded to int8 in blocks of 32, as int4_gemm_a8.
 void int8_gemm_a8(const c10::BFloat16* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n,
                   c10::BFloat16* y);
+bool has_int8_act();
+
+// A one-line error where int8 activations are asked of a build without them.
+inline void check_act_int8(bool act_int8) {
+  TORCH_CHECK(!act_int8 || has_int8_act(), "int8 activations: this build of lowbit's kernels has no int8-activation GEMV");
+}
 
 // Weight rows [r0, r1) as bf16 into out (row stride k), on the calling thread. The 4-bit one
 // writes whole 4-row tiles: rows up to r1 rounded up to 4 (padding rows come out zero).

@@ -66,16 +66,10 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
   check_x(x);
   const Int4 w(x.size(1), codes, scale, zero, n, group_size, zero_mode, zero_const);
   auto y = torch::empty({x.size(0), n}, x.options());
-  auto gemm = lowbit::int4_gemm;
-  if (act_int8) {
-#ifdef LOWBIT_INT8_ACT
-    gemm = lowbit::int4_gemm_a8;
-#else
-    TORCH_CHECK(false, "int8 activations: this build of lowbit's kernels has no int8-activation GEMV");
-#endif
-  }
-  gemm(x.data_ptr<at::BFloat16>(), x.size(0), w.k, w.codes, w.scale, w.half, w.zero, w.zero_mode, w.zconst, n,
-       w.group, y.data_ptr<at::BFloat16>());
+  lowbit::check_act_int8(act_int8);
+  (act_int8 ? lowbit::int4_gemm_a8 : lowbit::int4_gemm)(x.data_ptr<at::BFloat16>(), x.size(0), w.k, w.codes, w.scale,
+                                                        w.half, w.zero, w.zero_mode, w.zconst, n, w.group,
+                                                        y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -107,14 +101,11 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, boo
   check_int8(x.size(1), w, scale);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   auto y = torch::empty({m, n}, x.options());
+  lowbit::check_act_int8(act_int8);
   if (act_int8) {
-#ifdef LOWBIT_INT8_ACT
     lowbit::int8_gemm_a8(x.data_ptr<at::BFloat16>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
                          y.data_ptr<at::BFloat16>());
     return y;
-#else
-    TORCH_CHECK(false, "int8 activations: this build of lowbit's kernels has no int8-activation GEMV");
-#endif
   }
   auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
   lowbit::int8_gemm(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
