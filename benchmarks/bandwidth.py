@@ -30,7 +30,7 @@ sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sr
 
 import torch  # noqa: E402
 
-from lowbit.evaluate.bench import read_bandwidth  # noqa: E402
+from lowbit.evaluate.bench import environment, read_bandwidth  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402
 from lowbit.io.interop import llamacpp  # noqa: E402
 from lowbit.runtime.kernels import native  # noqa: E402
@@ -99,12 +99,11 @@ def main():
         before = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
         rate, native_step = decode_rate(model, args.tokens)
         print(f"q4_0 {rate:.2f} tok/s; llama.cpp before {before['decode_tokens_per_s']:.2f}", file=sys.stderr)
-        os.environ["LOWBIT_GEMV_ACT"] = "int8"
-        if native.gemv_act_int8():
-            rate8, step8 = decode_rate(model, args.tokens)
-            rows[A8] = {"decode_tokens_per_s": rate8, "bytes_per_token": weight_bytes(model), "native_step": step8}
-            print(f"q4_0, int8 activations {rate8:.2f} tok/s", file=sys.stderr)
-        os.environ["LOWBIT_GEMV_ACT"] = "bf16"
+        with environment({"LOWBIT_GEMV_ACT": "int8"}):
+            if native.gemv_act_int8():
+                rate8, step8 = decode_rate(model, args.tokens)
+                rows[A8] = {"decode_tokens_per_s": rate8, "bytes_per_token": weight_bytes(model), "native_step": step8}
+                print(f"q4_0, int8 activations {rate8:.2f} tok/s", file=sys.stderr)
         after = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
         gguf_bytes = gguf.stat().st_size
     roofs.append(read_bandwidth())
