@@ -189,7 +189,7 @@ def _prefill_check(name, shape, rows=(17, 40, 128)):
 
 
 @pytest.mark.skipif(not NATIVE or not native.amx(), reason="CPU without AMX-BF16 (or not granted): prefill "
-                    "takes the dequantized-block path, tested below")
+                    "takes the paths tested below")
 @pytest.mark.parametrize("name,shape", PREFILL_CASES)
 def test_amx_prefill_matches_reference(name, shape):
     # rows past 16 run on AMX tiles: 32-row weight blocks with a short last one, 16-row activation blocks
@@ -197,12 +197,13 @@ def test_amx_prefill_matches_reference(name, shape):
 
 
 @pytest.mark.parametrize("name,shape", PREFILL_CASES)
-def test_blocked_prefill_matches_reference(name, shape, native_isa, monkeypatch):
-    # the path of CPUs without AMX: bf16 blocks of W into one reused buffer, PyTorch's GEMM; small
-    # blocks here so that a weight takes several
+def test_prefill_without_amx_matches_reference(name, shape, native_isa, monkeypatch):
+    # the paths of CPUs without AMX. avx512 build: the AVX512-BF16 GEMM (32-row weight blocks, a
+    # short last one, 12-row activation blocks and their tails); avx2 build: bf16 blocks of W into
+    # one reused buffer and PyTorch's GEMM, small blocks here so that a weight takes several
     monkeypatch.setattr(native, "amx", lambda: False)
     monkeypatch.setattr(native, "PREFILL_BLOCK", 64 * 1024)
-    _prefill_check(name, shape, rows=(17, 40))
+    _prefill_check(name, shape, rows=(17, 40, 129))
 
 
 def test_fp32_int4_is_exact():

@@ -5,8 +5,9 @@ unpack codes in registers next to the multiply and read each weight byte once. T
 builds of one set of ops (csrc/ops.cpp) over one packed layout:
 
 - "avx512" (csrc/avx512.cpp): AVX-512 with AVX512-BF16, nibbles turned into bf16 by one
-  logic op and multiplied by a bf16 dot-product instruction (vdpbf16ps); with AMX-BF16
-  tiles for prefill (csrc/amx_gemm.cpp) where the kernel grants them, and, opt-in
+  logic op and multiplied by a bf16 dot-product instruction (vdpbf16ps); prefill on AMX-BF16
+  tiles (csrc/amx_gemm.cpp) where the kernel grants them, else on a vdpbf16ps GEMM
+  (csrc/bf16_gemm.cpp), W dequantized 32 rows at a time for either; and, opt-in
   (`LOWBIT_GEMV_ACT=int8`, `gemv_act_int8()`), a GEMV on activations rounded to int8
   (AVX512-VNNI integer dot products: llama.cpp's numerics, faster where vdpbf16ps is slow).
 - "avx2" (csrc/avx2.cpp): AVX2 + FMA, codes multiplied in fp32, for CPUs without
@@ -48,9 +49,9 @@ class Build:
 
 BUILDS = {  # best first
     "avx512": Build("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
-                    ("avx512.cpp", "amx_gemm.cpp"),
+                    ("avx512.cpp", "amx_gemm.cpp", "bf16_gemm.cpp"),
                     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
-                     "-DLOWBIT_AMX")),
+                     "-DLOWBIT_PREFILL")),
     "avx2": Build("avx2", ("avx2", "fma", "f16c"), ("avx2.cpp",), ("-mavx2", "-mfma", "-mf16c")),
 }
 
@@ -135,8 +136,9 @@ def available() -> bool:
 
 def amx() -> bool:
     """Prefill on AMX tiles (csrc/amx_gemm.cpp): the avx512 build runs, the CPU has AMX-BF16,
-    the kernel lets this process use the tile state, and LOWBIT_AMX is not 0. Otherwise
-    prefill dequantizes blocks for PyTorch's bf16 GEMM."""
+    the kernel lets this process use the tile state, and LOWBIT_AMX is not 0. Otherwise the
+    avx512 build's prefill runs on AVX512-BF16 (csrc/bf16_gemm.cpp), and the avx2 build's
+    dequantizes blocks for PyTorch's bf16 GEMM."""
     return isa() == "avx512" and _amx_granted()
 
 
@@ -252,8 +254,8 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     n, k = st["n"], x2.shape[1]
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = module().int4_mm(x2, *args, n, st["group"], st["mode"], st["zconst"], gemv_act_int8())
-    elif amx():
-        y = module().int4_mm_amx(x2, *args, n, st["group"], st["mode"], st["zconst"])
+    elif isa() == "avx512":
+        y = module().int4_mm_prefill(x2, *args, n, st["group"], st["mode"], st["zconst"], amx())
     else:
         y = _blocked_mm(x2, n, lambda r0, r1, out: module().int4_dequant(
             *args, n, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // TILE) * TILE, out))
@@ -264,7 +266,7 @@ _scratch = threading.local()
 
 
 def _blocked_mm(x2: torch.Tensor, n: int, dequant) -> torch.Tensor:
-    """x2 @ W^T for many rows on a CPU without AMX: compute-bound, so the weight read is
+    """x2 @ W^T for many rows in the avx2 build: compute-bound, so the weight read is
     amortized and PyTorch's bf16 GEMM does the work on ~2 MB blocks of W that
     `dequant(r0, r1, scratch)` writes as bf16 rows (at least r0..r1) into one reused,
     cache-resident buffer per thread."""
@@ -303,8 +305,8 @@ def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = module().int8_mm(x2, st["w"], st["scale"], gemv_act_int8())
-    elif amx():
-        y = module().int8_mm_amx(x2, st["w"], st["scale"])
+    elif isa() == "avx512":
+        y = module().int8_mm_prefill(x2, st["w"], st["scale"], amx())
     else:  # the fp32 kernel converts every code once per row: 10x a bf16 GEMM at 128 rows (the head)
         y = _blocked_mm(x2, st["n"], lambda r0, r1, out: module().int8_dequant(st["w"], st["scale"], r0, r1, out))
     return y.reshape(*x.shape[:-1], st["n"])

@@ -1,7 +1,8 @@
 // The torch-facing side of lowbit's CPU kernels: each op checks its tensors once and calls
 // the raw kernels of lowbit_cpu.h, which the build takes from avx512.cpp or avx2.cpp (the
-// layouts are documented there and in kernels/native.py). LOWBIT_AMX builds add prefill on
-// AMX tiles (amx_gemm.cpp) behind the same checks.
+// layouts are documented there and in kernels/native.py). LOWBIT_PREFILL (the avx512 build)
+// adds the prefill GEMMs, on AMX tiles (amx_gemm.cpp) or AVX512-BF16 (bf16_gemm.cpp), behind
+// the same checks.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -126,26 +127,29 @@ torch::Tensor int8_dequant(torch::Tensor w, torch::Tensor scale, int64_t row0, i
   return out;
 }
 
-#ifdef LOWBIT_AMX
-torch::Tensor amx_mm(const torch::Tensor& x, int64_t n, const lowbit::Dequant& dequant) {
-  TORCH_CHECK(lowbit::amx_ready(), "AMX tiles are not available to this process");
+#ifdef LOWBIT_PREFILL
+// y[m, n] for many rows, W dequantized 32 rows at a time into AMX tile products (amx) or the
+// AVX512-BF16 microkernel (bf16_gemm.cpp).
+torch::Tensor prefill_mm(const torch::Tensor& x, int64_t n, bool amx, const lowbit::Dequant& dequant) {
+  TORCH_CHECK(!amx || lowbit::amx_ready(), "AMX tiles are not available to this process");
   auto y = torch::empty({x.size(0), n}, x.options());
-  lowbit::amx_gemm(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), n, dequant, y.data_ptr<at::BFloat16>());
+  (amx ? lowbit::amx_gemm : lowbit::bf16_gemm)(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), n, dequant,
+                                               y.data_ptr<at::BFloat16>());
   return y;
 }
 
-torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n,
-                          int64_t group_size, int64_t zero_mode, double zero_const) {
+torch::Tensor int4_mm_prefill(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n,
+                              int64_t group_size, int64_t zero_mode, double zero_const, bool amx) {
   check_x(x);
   const Int4 w(x.size(1), codes, scale, zero, n, group_size, zero_mode, zero_const);
-  return amx_mm(x, n, [&](int64_t r0, int64_t r1, at::BFloat16* out) { w.dequant(r0, r1, out); });
+  return prefill_mm(x, n, amx, [&](int64_t r0, int64_t r1, at::BFloat16* out) { w.dequant(r0, r1, out); });
 }
 
-torch::Tensor int8_mm_amx(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+torch::Tensor int8_mm_prefill(torch::Tensor x, torch::Tensor w, torch::Tensor scale, bool amx) {
   check_x(x);
   check_int8(x.size(1), w, scale);
   const int64_t k = w.size(1);
-  return amx_mm(x, w.size(0), [&](int64_t r0, int64_t r1, at::BFloat16* out) {
+  return prefill_mm(x, w.size(0), amx, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
     lowbit::int8_dequant_rows(w.data_ptr<int8_t>(), scale.data_ptr<float>(), k, r0, r1, out);
   });
 }
@@ -160,10 +164,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
   m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations (or rounded to int8 blocks)");
   m.def("int8_dequant", &int8_dequant, "rows of an int8 per-channel weight as bf16");
-#ifdef LOWBIT_AMX
+#ifdef LOWBIT_PREFILL
   m.def("amx_ready", &lowbit::amx_ready, "whether this CPU and kernel let the process use AMX tiles");
-  m.def("int4_mm_amx", &int4_mm_amx, "4-bit weight-only matmul for many rows on AMX tiles");
-  m.def("int8_mm_amx", &int8_mm_amx, "int8 per-channel weight-only matmul for many rows on AMX tiles");
+  m.def("int4_mm_prefill", &int4_mm_prefill, "4-bit weight-only matmul for many rows (AMX tiles or AVX512-BF16)");
+  m.def("int8_mm_prefill", &int8_mm_prefill, "int8 per-channel weight-only matmul for many rows (AMX tiles or AVX512-BF16)");
 #endif
   lowbit_register_decode(m);
 }
