@@ -153,6 +153,19 @@ void rotate(const bf16* x, float* y, int64_t d, int64_t heads, const float* cos,
     }
 }
 
+// a . b over d floats in 16 independent partial sums, which the compiler vectorizes without
+// reassociating (one chain of d dependent adds made the scores ~8% of a 4-bit decode step)
+inline float dot(const float* a, const float* b, int64_t d) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+  float sum = 0.f;
+  for (; i < d; ++i) sum += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) sum += part[j];
+  return sum;
+}
+
 class DecodeStep {
  public:
   DecodeStep(int64_t hidden, int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t max_len)
@@ -218,10 +231,8 @@ class DecodeStep {
           float* s = scores.data() + hq * (pos + 1);
           float mx = -INFINITY;
           for (int64_t p = 0; p <= pos; ++p) {
-            float dot = 0.f;
-            for (int64_t i = 0; i < d_; ++i) dot += qv[i] * K[p * d_ + i];
-            s[p] = dot;
-            mx = std::max(mx, dot);
+            s[p] = dot(qv, K + p * d_, d_);
+            mx = std::max(mx, s[p]);
           }
           float sum = 0.f;
           for (int64_t p = 0; p <= pos; ++p) sum += (s[p] = std::exp(s[p] - mx));
