@@ -206,6 +206,15 @@ def test_prefill_without_amx_matches_reference(name, shape, native_isa, monkeypa
     _prefill_check(name, shape, rows=(17, 40, 129))
 
 
+@pytest.mark.parametrize("name,k", [("int4-g64-asym", 2560), ("int8-channel", 2048)])
+def test_prefill_without_amx_splits_long_rows(name, k, native_isa, monkeypatch):
+    # 300 rows: the AVX512-BF16 GEMM sums k in passes through its fp32 accumulators (2560
+    # columns: 864, 864, 832; 2048, the widest rows lowbit's int8 kernel takes: 1024, 1024)
+    monkeypatch.setattr(native, "amx", lambda: False)
+    assert select(quantize_tensor(torch.randn(8, k), name), torch.bfloat16, torch.device("cpu")).name.startswith("lowbit")
+    _prefill_check(name, (40, k), rows=(300,))
+
+
 def test_fp32_int4_is_exact():
     torch.manual_seed(1)
     qt = quantize_tensor(torch.randn(64, 576), "int3-g64-asym")

@@ -37,8 +37,9 @@ void pack_pairs(const at::BFloat16* w, int64_t k, at::BFloat16* wp) {
 }
 
 // One pass over columns [k0, k0 + kc) for rows [i0, i0 + R) against one packed block (x, row
-// stride ld, and wp already at k0): fp32 sums start at zero on the first pass and continue from c (R x NR) on
-// the others; the last pass writes y[i, n0 .. n0 + 32) as bf16 (columns past n left alone).
+// stride ld, and wp already at k0): fp32 sums start at zero on the first pass and continue from
+// c (R x NR) on the others; the last pass writes y[i, n0 .. n0 + 32) as bf16 (columns past n
+// left alone).
 template <int R>
 void micro(const at::BFloat16* x, int64_t ld, int64_t kc, const at::BFloat16* wp, float* c, bool first, bool last,
            at::BFloat16* y, int64_t n, int64_t n0) {
@@ -85,7 +86,7 @@ void lowbit::bf16_gemm(const at::BFloat16* x, int64_t m, int64_t k, int64_t n, c
   });
   // columns per pass, in equal multiples of 32: x's slice of all m rows (up to ~512 KB) stays in
   // L2 while every block reads it; passes spill the accumulators, so one where x fits
-  const int64_t passes = (k + std::max<int64_t>(1024, (1 << 18) / m) - 1) / std::max<int64_t>(1024, (1 << 18) / m);
+  const int64_t kc_max = std::max<int64_t>(1024, (1 << 18) / m), passes = (k + kc_max - 1) / kc_max;
   const int64_t kc = (k / passes + 31) / 32 * 32;
   at::parallel_for(0, (n + NR - 1) / NR, 1, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<at::BFloat16> w, wp;  // reused: a fresh buffer per call costs page faults

@@ -71,7 +71,11 @@ struct Proj {
 void run_all(std::initializer_list<std::pair<const Proj*, bf16*>> projs, const bf16* x, float* xf) {
   int64_t tiles = 0, k = 0;
   bool fp32_x = false;
-  for (const auto& [p, y] : projs) tiles += (p->n + TILE - 1) / TILE, k = p->k, fp32_x |= p->kind == PROJ_INT8 && !p->act_int8;
+  for (const auto& [p, y] : projs) {
+    tiles += (p->n + TILE - 1) / TILE;
+    k = p->k;
+    fp32_x |= p->kind == PROJ_INT8 && !p->act_int8;
+  }
   if (fp32_x)
     for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(x[i]);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {

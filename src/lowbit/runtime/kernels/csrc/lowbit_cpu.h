@@ -41,8 +41,8 @@ void int4_dequant_rows(const uint8_t* codes, const void* scale, bool half_scale,
 void int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r0, int64_t r1, c10::BFloat16* out);
 
 // The avx512 build's prefill GEMMs. amx_gemm.cpp: whether this process may use the AMX tile
-// state, and y[m, n] = x[m, k] @ W^T for many rows on AMX-BF16 tiles, dequant(r0, r1, out) writing weight rows [r0, r1)
-// (r1 - r0 <= 32) as bf16 into out (row stride k). k % 32 == 0.
+// state, and y[m, n] = x[m, k] @ W^T for many rows on AMX-BF16 tiles, dequant(r0, r1, out)
+// writing weight rows [r0, r1) (r1 - r0 <= 32) as bf16 into out (row stride k). k % 32 == 0.
 using Dequant = std::function<void(int64_t, int64_t, c10::BFloat16*)>;
 bool amx_ready();
 void amx_gemm(const c10::BFloat16* x, int64_t m, int64_t k, int64_t n, const Dequant& dequant, c10::BFloat16* y);
