@@ -14,7 +14,7 @@ def test_1b_checkpoint_streams_in_bounded_memory(tmp_path, bigmodel_bench):
     rtn = bench.run(["quantize", str(d), "--method", "rtn", "--scheme", "w4a16-g128", "--out", str(tmp_path / "rtn")])
     # one block in float32 plus the process, far below the 2.2 GB checkpoint held whole in float32 (4.4 GB)
     assert rtn["peak_rss_gb"] < 0.5 * 2 * stored / 1e9
-    # three runs of this shape measured 0.89-0.99 GB against predictions within 3%; held to
+    # runs of this shape on an AMD EPYC: 0.80-0.85 GB measured, 0.77-0.81 GB predicted; held to
     # 20% (the target) on memory and 35% on time (seconds of machine measurement vary)
     assert abs(rtn["predicted_peak_gb"] / rtn["peak_rss_gb"] - 1) < 0.2
     assert abs(rtn["predicted_seconds"] / rtn["seconds"] - 1) < 0.35

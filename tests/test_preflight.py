@@ -14,7 +14,8 @@ def test_preflight_prediction_holds_to_a_measured_run(bigmodel_bench, tmp_path_f
     out = tmp_path_factory.mktemp(method) / "o"
     r = bench.run(["quantize", str(src), "--method", method, "--scheme", "w4a16-g128", "--samples", "8",
                    "--seq-len", "256", "--batch-size", "2", "--out", str(out)])
-    # over-predicting is the safe side (a job refused that would have fit, never an OOM kill);
-    # GPTQ counts its inverse-Hessian factors at their largest: +18% on an AMD EPYC, +25% on a Xeon
+    # over-predicting is the safe side (a job refused that would have fit, never an OOM kill). At this
+    # size the pre-flight's own measurements can be the run's peak: both methods landed within 2% on an
+    # AMD EPYC once the measurements' freed memory stopped counting as the process's (it read +32% on CI)
     assert -0.2 < r["predicted_peak_gb"] / r["peak_rss_gb"] - 1 < 0.3, r
     assert abs(r["predicted_disk_gb"] * 1e9 / sum(f.stat().st_size for f in out.iterdir()) - 1) < 0.1, r

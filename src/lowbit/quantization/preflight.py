@@ -203,10 +203,11 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
         # the embedding table is only held while the calibration windows enter block 0
         emb = max((ck.nbytes([k]) for k in outside), default=0)
         ram["block float32"] = max(ram["block float32"], emb - ram["hidden states"] / 3)
-    # resident at once: the largest of the phases, never all of them
+    # resident at once: the largest of the phases, never all of them, nor less than the process has
+    # already held (the pre-flight's own measurements, on a small model, can be the run's peak)
     block_phase = sum(v for k, v in ram.items() if k != "outside tensors")
     finish_phase = ram["process now"] + ram["outside tensors"]
-    peak = max(block_phase, finish_phase)
+    peak = max(block_phase, finish_phase, _peak_so_far())
 
     out_bytes = 0
     for n, s in linears:
@@ -241,6 +242,17 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
         free_disk = float("inf")
     available = psutil.virtual_memory().available + rss
     return Prediction(peak, disk, sum(secs.values()), ram, secs, available, free_disk)
+
+
+def _peak_so_far() -> int:
+    """This process's peak resident set so far (Linux VmHWM, reset at exec; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _by_width(table: dict, cols: int):

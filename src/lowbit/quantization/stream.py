@@ -215,6 +215,8 @@ class ShardBlocks(Blocks):
         self.keys = {i: [k for k in src.ckpt.keys() if k.startswith(f"{src.prefix}.{i}.")] for i in range(src.n_blocks)}
 
     def load(self, i: int, block: torch.nn.Module) -> None:
+        # the previous block is gone by now (the runner dropped its own names for it after `done`)
+        release_freed_memory()
         model = self.src.model
         if isinstance(model.get_input_embeddings(), UpcastEmbedding):  # calibration has entered block 0
             model.set_input_embeddings(torch.nn.Module())
@@ -227,7 +229,6 @@ class ShardBlocks(Blocks):
         self.progress.commit(i, payload.tensors, payload.file_metadata(), payload.counts(),
                              inputs.hidden() if inputs is not None else None)
         decoder_layers(self.src.model)[1][i] = torch.nn.Module()  # drop the block: its bytes are on disk now
-        release_freed_memory()
 
 
 def _write_output(src: CheckpointSource, progress: "Progress", bq, out: Path, describe) -> None:
@@ -305,6 +306,7 @@ def _preflight(ckpt, model, prefix, n_blocks, inside, bq, job, calib, out):
     if not widths:
         raise UserError("the recipe quantizes no Linear inside the decoder blocks")
     machine = Machine.measure(ckpt, job.recipe.scheme, quantizer, widths)
+    release_freed_memory()  # the measurements' freed tensors are not part of the run's footprint
     n = int(calib.shape[0]) if calib is not None else 0
     pred = predict(job_for(n), machine, out)
     if dist_rank_world()[0] == 0:
