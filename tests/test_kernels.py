@@ -16,13 +16,14 @@ CASES = [
     ("int4-g128", (64, 576)),        # short last group: runs as g64 with repeated scales
     ("int4-channel", (48, 576)), ("int3-g64-asym", (192, 576)), ("int3-g64", (96, 576)),
     ("int2-g64-asym", (64, 576)), ("int4-g128-asym-mse", (256, 512)), ("int8-channel", (192, 576)),
+    ("int8-channel", (24, 4096)),    # wider than native.INT8_GEMV_MAX_K: lowbit-int8's bf16 GEMV is int8pack's
     # lowbit-int4 only: rows not a multiple of its 4-row tiles, groups of 96/192, a 64-column tail
     ("int4-g96", (36, 576)), ("int4-g192-asym", (30, 576)), ("int4-channel", (6, 576)), ("int4-g32", (5, 704)),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-NATIVE_ONLY = CASES[10:]
+NATIVE_ONLY = CASES[11:]
 
 
 @pytest.mark.parametrize("name,shape", CASES)
@@ -115,7 +116,7 @@ def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
                                         ("int4-g32-asym", (576, 1536)), ("int4-channel", (6, 576)),
                                         ("int4-g96", (36, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
                                         ("q4_0", (40, 576)), ("q4_1", (40, 576)), ("int8-channel", (192, 576)),
-                                        ("int8-channel", (70, 704))])
+                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096))])
 def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
     # integer products are exact, so all that may differ from dequant(W) @ x_hat is fp32 summation
     # and the one bf16 rounding of the output; x_hat is at most amax/254 from x per element
@@ -209,7 +210,7 @@ def test_prefill_without_amx_matches_reference(name, shape, native_isa, monkeypa
 @pytest.mark.parametrize("name,k", [("int4-g64-asym", 2560), ("int8-channel", 2048)])
 def test_prefill_without_amx_splits_long_rows(name, k, native_isa, monkeypatch):
     # 300 rows: the AVX512-BF16 GEMM sums k in passes through its fp32 accumulators (2560
-    # columns: 864, 864, 832; 2048, the widest rows lowbit's int8 kernel takes: 1024, 1024)
+    # columns: 864, 864, 832; 2048: 1024, 1024)
     monkeypatch.setattr(native, "amx", lambda: False)
     assert select(quantize_tensor(torch.randn(8, k), name), torch.bfloat16, torch.device("cpu")).name.startswith("lowbit")
     _prefill_check(name, (40, k), rows=(300,))

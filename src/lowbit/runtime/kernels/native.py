@@ -286,25 +286,38 @@ def _blocked_mm(x2: torch.Tensor, n: int, dequant) -> torch.Tensor:
 
 # ---- int8: symmetric per-channel ---------------------------------------------------
 
+# lowbit's bf16-activation int8 GEMV (fp32 FMA on widened codes) is instruction-bound: ahead of
+# PyTorch's int8pack up to ~3k columns (the embedded model's 49152 x 576 head: 1.6 vs 2.7 ms;
+# on the Zen 4 host 23 vs 15 GB/s there and 22.7 vs 21.2 GB/s at 3072 columns), behind it on
+# 4096-wide rows (18.5 vs 20.7 GB/s). Wider rows on bf16 activations go to int8pack; the
+# int8-activation GEMV (~the read roof at every width) and the prefill GEMM (3x int8pack at
+# 128 rows of 3072-4096 columns) stay lowbit's.
+INT8_GEMV_MAX_K = 3072
+
+
 def int8_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> bool:
     s = qt.scheme
-    # measured: faster than int8pack on rows up to ~2k columns (the embedded model, its
-    # 49152 x 576 head: 1.6 vs 2.7 ms); int8pack wins on 4096-wide rows, so it keeps those
     return (device.type == "cpu" and dtype == torch.bfloat16 and s.format == "int8" and s.symmetric
-            and s.granularity == "channel" and len(qt.shape) == 2 and qt.shape[1] % 64 == 0
-            and qt.shape[1] <= 2048 and available())
+            and s.granularity == "channel" and len(qt.shape) == 2 and qt.shape[1] % 64 == 0 and available())
 
 
 def int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
     from lowbit.runtime.kernels.cpu import int8_codes
 
-    return {"w": int8_codes(qt), "scale": qt.scales()[:, 0].contiguous(), "n": qt.shape[0]}  # fp32 scales
+    scale = qt.scales()[:, 0].contiguous()  # fp32
+    st = {"w": int8_codes(qt), "scale": scale, "n": qt.shape[0]}
+    if qt.shape[1] > INT8_GEMV_MAX_K:  # int8pack takes its scales in the activations' dtype
+        st["scale_act"] = scale.to(dtype)
+    return st
 
 
 def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if x2.shape[0] <= GEMV_MAX_ROWS:
-        y = module().int8_mm(x2, st["w"], st["scale"], gemv_act_int8())
+        if "scale_act" in st and not gemv_act_int8():
+            y = torch._weight_int8pack_mm(x2, st["w"], st["scale_act"])
+        else:
+            y = module().int8_mm(x2, st["w"], st["scale"], gemv_act_int8())
     elif isa() == "avx512":
         y = module().int8_mm_prefill(x2, st["w"], st["scale"], amx())
     else:  # the fp32 kernel converts every code once per row: 10x a bf16 GEMM at 128 rows (the head)
