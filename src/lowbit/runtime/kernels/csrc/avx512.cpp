@@ -47,14 +47,14 @@ LB_INLINE __m512 load16(const float* p, int64_t cnt) {
   return _mm512_maskz_loadu_ps(m, p);
 }
 
-// One row's scales as fp32 (sbuf) and its zero terms (zbuf), 16 groups at a time, and the
-// row's zero-term contribution sum_g zbuf[g] * sx[i][g] for each activation row i.
-// `bias` is what the kernel adds to every code before the scale (128 for the bf16 trick, 0 for
-// integer products), taken out again through the zero term.
+// One row's scales as fp32 (sbuf) and, where zbuf is given, its zero terms, 16 groups at a
+// time; and the row's zero-term contribution sum_g z[g] * sx[i][g] for each activation row i,
+// left as 16 partial sums in zd[i]: the GEMVs start their accumulators there, so one
+// reduction per row gives both. `bias` is what the kernel adds to every code before the scale
+// (128 for the bf16 trick, 0 for integer products), taken out again through the zero term.
 template <int M, typename S, int ZMODE>
 LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_t r, int64_t G, const float* sx,
-                            float* sbuf, float* zbuf, float* zdot, float bias = 128.f) {
-  __m512 zd[M];
+                            float* sbuf, float* zbuf, __m512* zd, float bias = 128.f) {
   for (int i = 0; i < M; ++i) zd[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < G; j += 16) {
     const int64_t cnt = G - j;
@@ -71,10 +71,9 @@ LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_
       z = _mm512_fnmadd_ps(sv, _mm512_set1_ps(bias), load16(static_cast<const S*>(zp) + r * G + j, cnt));
     }
     _mm512_mask_storeu_ps(sbuf + j, m, sv);
-    _mm512_mask_storeu_ps(zbuf + j, m, z);
+    if (zbuf) _mm512_mask_storeu_ps(zbuf + j, m, z);
     for (int i = 0; i < M; ++i) zd[i] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(m, sx + i * G + j), zd[i]);
   }
-  for (int i = 0; i < M; ++i) zdot[i] = hsum(zd[i]);
 }
 
 // (v & 0xF) | 0x4300 per 16-bit lane: bf16 (128 + nibble).
@@ -151,15 +150,13 @@ struct TileAcc {
 // One tile (TILE weight rows) against M activation rows.
 template <int M, typename S, int ZMODE>
 void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst, const at::BFloat16* x,
-               const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t r, float* sbuf,
-               float* zbuf) {
+               const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t r, float* sbuf) {
   const int64_t G = k / g, nc = k / 128, spg = g / 32;
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-  float zdot[TILE][M];
-  for (int rr = 0; rr < TILE; ++rr)
-    row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, zbuf + rr * G, zdot[rr]);
   TileAcc<M> t;
   t.zero();
+  for (int rr = 0; rr < TILE; ++rr)  // the accumulators start at the zero terms
+    row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, nullptr, t.acc[rr]);
   t.left = spg;
   for (int64_t c = 0; c < nc; ++c) {
     __m512i wv[TILE];
@@ -190,7 +187,7 @@ void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst
     t.step(sbuf, G, spg);
   }
   for (int rr = 0; rr < TILE && r + rr < n; ++rr)
-    for (int i = 0; i < M; ++i) y[i * n + r + rr] = at::BFloat16(hsum(t.acc[rr][i]) + zdot[rr][i]);
+    for (int i = 0; i < M; ++i) y[i * n + r + rr] = at::BFloat16(hsum(t.acc[rr][i]));
 }
 
 template <typename S, int ZMODE>
@@ -198,7 +195,7 @@ void int4_tiles(int64_t m, const uint8_t* codes, const S* scale, const void* zp,
                 const at::BFloat16* x, const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g,
                 int64_t t0, int64_t t1) {
   const int64_t G = k / g;
-  std::vector<float> sbuf(TILE * G), zbuf(TILE * G);
+  std::vector<float> sbuf(TILE * G);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tile = codes + t * TILE * (k / 2);
     for (int64_t i0 = 0; i0 < m; i0 += MAX_M) {  // activation rows in pairs: each pair rereads the tile from L1/L2
@@ -206,9 +203,9 @@ void int4_tiles(int64_t m, const uint8_t* codes, const S* scale, const void* zp,
       const float* sxb = sx + i0 * G;
       at::BFloat16* yb = y + i0 * n;
       if (m - i0 >= 2)
-        int4_tile<2, S, ZMODE>(tile, scale, zp, zconst, xb, sxb, yb, n, k, g, t * TILE, sbuf.data(), zbuf.data());
+        int4_tile<2, S, ZMODE>(tile, scale, zp, zconst, xb, sxb, yb, n, k, g, t * TILE, sbuf.data());
       else
-        int4_tile<1, S, ZMODE>(tile, scale, zp, zconst, xb, sxb, yb, n, k, g, t * TILE, sbuf.data(), zbuf.data());
+        int4_tile<1, S, ZMODE>(tile, scale, zp, zconst, xb, sxb, yb, n, k, g, t * TILE, sbuf.data());
     }
   }
 }
@@ -265,11 +262,11 @@ void quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, bool int
 template <int M, typename S, int ZMODE>
 void int4_tile_a8(const uint8_t* tile, const S* scale, const void* zp, float zconst, const int8_t* xq,
                   const float* xs, const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t r,
-                  float* sbuf, float* zbuf, float* sblk) {
+                  float* sbuf, float* sblk) {
   const int64_t G = k / g, B = k / 32, nc = k / 128;
-  float zdot[TILE][M];
+  __m512 acc[TILE][M];  // starting at the zero terms
   for (int rr = 0; rr < TILE; ++rr) {
-    row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, zbuf + rr * G, zdot[rr], 0.f);
+    row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, nullptr, acc[rr], 0.f);
     for (int i = 0; i < M; ++i) {  // scale_w * scale_x per block of 32 columns
       float* out = sblk + (rr * M + i) * B;
       const float* sw = sbuf + rr * G;
@@ -287,9 +284,6 @@ void int4_tile_a8(const uint8_t* tile, const S* scale, const void* zp, float zco
   }
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i evens_first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-  __m512 acc[TILE][M];
-  for (int rr = 0; rr < TILE; ++rr)
-    for (int i = 0; i < M; ++i) acc[rr][i] = _mm512_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     __m512i xlo[M], xhi[M];
     for (int i = 0; i < M; ++i) {
@@ -331,7 +325,7 @@ void int4_tile_a8(const uint8_t* tile, const S* scale, const void* zp, float zco
     }
   }
   for (int rr = 0; rr < TILE && r + rr < n; ++rr)
-    for (int i = 0; i < M; ++i) y[i * n + r + rr] = at::BFloat16(hsum(acc[rr][i]) + zdot[rr][i]);
+    for (int i = 0; i < M; ++i) y[i * n + r + rr] = at::BFloat16(hsum(acc[rr][i]));
 }
 
 template <typename S, int ZMODE>
@@ -339,13 +333,13 @@ void int4_tiles_a8(int64_t m, const uint8_t* codes, const S* scale, const void* 
                    const float* xs, const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t t0,
                    int64_t t1) {
   const int64_t G = k / g, B = k / 32;
-  std::vector<float> sbuf(TILE * G), zbuf(TILE * G), sblk(TILE * MAX_M * B);
+  std::vector<float> sbuf(TILE * G), sblk(TILE * MAX_M * B);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tile = codes + t * TILE * (k / 2);
     for (int64_t i0 = 0; i0 < m; i0 += MAX_M) {
       auto args = [&](auto tile_fn) {
         tile_fn(tile, scale, zp, zconst, xq + i0 * k, xs + i0 * B, sx + i0 * G, y + i0 * n, n, k, g, t * TILE,
-                sbuf.data(), zbuf.data(), sblk.data());
+                sbuf.data(), sblk.data());
       };
       if (m - i0 >= 2) args(int4_tile_a8<2, S, ZMODE>);
       else args(int4_tile_a8<1, S, ZMODE>);
@@ -365,8 +359,8 @@ void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, fl
     const uint8_t* tile = codes + t * TILE * (k / 2);
     for (int rr = 0; rr < TILE; ++rr) {
       const int64_t r = t * TILE + rr;
-      float zdot;
-      row_prologue<1, S, ZMODE>(scale, zp, zconst, r, G, zeros.data(), sbuf.data(), zbuf.data(), &zdot);
+      __m512 unused;
+      row_prologue<1, S, ZMODE>(scale, zp, zconst, r, G, zeros.data(), sbuf.data(), zbuf.data(), &unused);
       at::BFloat16* o = out + (r - t0 * TILE) * k;
       int64_t j = 0, left = g / 32;  // group of the next 32 columns, sub-chunks left in it (no division per chunk)
       auto emit = [&](__m512bh v, int64_t col) {  // w = scale * (128 + q) + zero_term, 32 columns
