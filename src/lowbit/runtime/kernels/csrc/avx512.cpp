@@ -52,9 +52,12 @@ LB_INLINE __m512 load16(const float* p, int64_t cnt) {
 // left as 16 partial sums in zd[i]: the GEMVs start their accumulators there, so one
 // reduction per row gives both. `bias` is what the kernel adds to every code before the scale
 // (128 for the bf16 trick, 0 for integer products), taken out again through the zero term.
+// With groups of 32 and int8 activations, `sblk` gets scale_w * scale_x per block (xs: the
+// activations' block scales) from the scales still in registers.
 template <int M, typename S, int ZMODE>
 LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_t r, int64_t G, const float* sx,
-                            float* sbuf, float* zbuf, __m512* zd, float bias = 128.f) {
+                            float* sbuf, float* zbuf, __m512* zd, float bias = 128.f, const float* xs = nullptr,
+                            float* sblk = nullptr) {
   for (int i = 0; i < M; ++i) zd[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < G; j += 16) {
     const int64_t cnt = G - j;
@@ -70,8 +73,11 @@ LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_
     } else {
       z = _mm512_fnmadd_ps(sv, _mm512_set1_ps(bias), load16(static_cast<const S*>(zp) + r * G + j, cnt));
     }
-    _mm512_mask_storeu_ps(sbuf + j, m, sv);
+    if (sbuf) _mm512_mask_storeu_ps(sbuf + j, m, sv);
     if (zbuf) _mm512_mask_storeu_ps(zbuf + j, m, z);
+    if (sblk)
+      for (int i = 0; i < M; ++i)
+        _mm512_mask_storeu_ps(sblk + i * G + j, m, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(m, xs + i * G + j)));
     for (int i = 0; i < M; ++i) zd[i] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(m, sx + i * G + j), zd[i]);
   }
 }
@@ -266,20 +272,16 @@ void int4_tile_a8(const uint8_t* tile, const S* scale, const void* zp, float zco
   const int64_t G = k / g, B = k / 32, nc = k / 128;
   __m512 acc[TILE][M];  // starting at the zero terms
   for (int rr = 0; rr < TILE; ++rr) {
+    if (g == 32) {  // scale_w * scale_x per block of 32 columns, straight from the prologue
+      row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, nullptr, nullptr, acc[rr], 0.f, xs, sblk + rr * M * B);
+      continue;
+    }
     row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, nullptr, acc[rr], 0.f);
-    for (int i = 0; i < M; ++i) {  // scale_w * scale_x per block of 32 columns
+    for (int i = 0; i < M; ++i) {
       float* out = sblk + (rr * M + i) * B;
       const float* sw = sbuf + rr * G;
-      if (g == 32) {
-        for (int64_t b = 0; b < B; b += 16) {
-          const __mmask16 m = B - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (B - b)) - 1);
-          _mm512_mask_storeu_ps(out + b, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sw + b),
-                                                          _mm512_maskz_loadu_ps(m, xs + i * B + b)));
-        }
-      } else {
-        for (int64_t j = 0, b = 0; j < G; ++j)
-          for (int64_t u = 0; u < g / 32; ++u, ++b) out[b] = sw[j] * xs[i * B + b];
-      }
+      for (int64_t j = 0, b = 0; j < G; ++j)
+        for (int64_t u = 0; u < g / 32; ++u, ++b) out[b] = sw[j] * xs[i * B + b];
     }
   }
   const __m512i low4 = _mm512_set1_epi8(0x0F);
