@@ -118,27 +118,17 @@ def first_blocks(d: Path, k: int) -> Path:
     return v
 
 
-def _hwm_bytes(pid: int) -> int:
-    """The process's peak resident set (VmHWM): reset at exec, so the parent's memory that
-    fork() briefly shares is not counted (wait4's ru_maxrss would count it)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run(argv: list[str], python: str | None = None) -> dict:
     """Run `lowbit <argv>` as a child (or, with `python`, that Python code with `argv` as its
     arguments); its peak RSS, wall time and the pre-flight prediction it printed, if any."""
+    from lowbit.quantization.preflight import peak_rss
+
     t0 = time.time()
     cmd = [sys.executable, "-c", python, *argv] if python else [sys.executable, "-m", "lowbit", "--quiet", *argv]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while p.poll() is None:  # sampled every 50 ms; VmHWM only grows, so a late sample holds every earlier peak
-        peak = max(peak, _hwm_bytes(p.pid))
+        peak = max(peak, peak_rss(p.pid))
         time.sleep(0.05)
     out, err = p.stdout.read(), p.stderr.read()
     wall = time.time() - t0

@@ -207,7 +207,7 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
     # already held (the pre-flight's own measurements, on a small model, can be the run's peak)
     block_phase = sum(v for k, v in ram.items() if k != "outside tensors")
     finish_phase = ram["process now"] + ram["outside tensors"]
-    peak = max(block_phase, finish_phase, _peak_so_far())
+    peak = max(block_phase, finish_phase, peak_rss())
 
     out_bytes = 0
     for n, s in linears:
@@ -244,10 +244,11 @@ def predict(job: Job, machine: Machine, out: Path) -> Prediction:
     return Prediction(peak, disk, sum(secs.values()), ram, secs, available, free_disk)
 
 
-def _peak_so_far() -> int:
-    """This process's peak resident set so far (Linux VmHWM, reset at exec; 0 elsewhere)."""
+def peak_rss(pid: int | str = "self") -> int:
+    """A process's peak resident set so far, this one by default (Linux VmHWM: reset at exec,
+    so a child does not count the parent's memory that fork() briefly shares; 0 elsewhere)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:

@@ -356,13 +356,12 @@ void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, fl
                         int64_t t0, int64_t t1, at::BFloat16* out) {
   const int64_t G = k / g, nc = k / 128;
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-  std::vector<float> sbuf(G), zbuf(G), zeros(G);
+  std::vector<float> sbuf(G), zbuf(G);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tile = codes + t * TILE * (k / 2);
     for (int rr = 0; rr < TILE; ++rr) {
       const int64_t r = t * TILE + rr;
-      __m512 unused;
-      row_prologue<1, S, ZMODE>(scale, zp, zconst, r, G, zeros.data(), sbuf.data(), zbuf.data(), &unused);
+      row_prologue<0, S, ZMODE>(scale, zp, zconst, r, G, nullptr, sbuf.data(), zbuf.data(), nullptr);  // no activations
       at::BFloat16* o = out + (r - t0 * TILE) * k;
       int64_t j = 0, left = g / 32;  // group of the next 32 columns, sub-chunks left in it (no division per chunk)
       auto emit = [&](__m512bh v, int64_t col) {  // w = scale * (128 + q) + zero_term, 32 columns
