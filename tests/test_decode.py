@@ -111,6 +111,7 @@ def test_decoder_refusals(embedded):
 
 @pytest.mark.parametrize("family,scheme,gemv_act", [("llama", "w4a16-g32", "bf16"), ("qwen2", "w4a16-g64-asym", "bf16"),
                                                     ("qwen3", "w8a16", "bf16"), ("mistral", None, "bf16"),
+                                                    ("llama-odd", None, "bf16"),
                                                     ("llama", "w4a16-g32", "int8"), ("qwen2", "w4a16-g64-asym", "int8"),
                                                     ("qwen3", "w8a16", "int8")])
 def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monkeypatch):
@@ -128,10 +129,13 @@ def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monk
     monkeypatch.setenv("LOWBIT_GEMV_ACT", gemv_act)
 
     cfg = dict(TINY, intermediate_size=128)
-    extra = {"qwen3": {"head_dim": 32}, "mistral": {"sliding_window": None}}.get(family, {})
+    # llama-odd: widths that are not multiples of the step's 8-wide loops (their scalar tails)
+    extra = {"qwen3": {"head_dim": 32}, "mistral": {"sliding_window": None},
+             "llama-odd": {"hidden_size": 44, "intermediate_size": 100, "num_attention_heads": 2,
+                           "num_key_value_heads": 1}}.get(family, {})
     torch.manual_seed(0)
-    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
-    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**cfg, **extra)).eval()
+    name = {"llama": "Llama", "llama-odd": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**{**cfg, **extra})).eval()
     for p in model.parameters():
         if p.dim() == 1:
             p.data.add_(0.3 * torch.randn_like(p))
@@ -156,6 +160,30 @@ def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monk
     fast.reset()
     torch.testing.assert_close(torch.stack([fast.forward(ids[:, :12])] + [fast.forward(ids[:, i:i + 1]) for i in range(12, 20)]).float(),
                                b[11:], atol=ulp, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 49152])
+def test_native_argmax_is_torch_argmax(n):
+    """The decode step's greedy pick (decode_step.cpp: integer keys, blocks of 64) against
+    torch.argmax: random logits, ties (the first wins), -0 beside +0, all -inf, NaN (largest)."""
+    from lowbit.runtime.kernels import native
+
+    if not native.available():
+        pytest.skip("lowbit's native kernels are not built on this CPU")
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g).bfloat16()
+    cases = [x, x.round(), torch.zeros(n).bfloat16(), torch.full((n,), float("-inf")).bfloat16(), -x.abs()]
+    signed_zeros = torch.zeros(n)
+    signed_zeros[::2] = -0.0
+    cases.append(signed_zeros.bfloat16())
+    for v in (float("nan"), float("inf")):
+        y = x.clone()
+        y[torch.randint(0, n, (2,), generator=g)] = v
+        cases.append(y)
+    for c in cases:
+        assert native.module().argmax(c) == c.argmax().item()
+    with pytest.raises(RuntimeError, match="1-D bf16"):
+        native.module().argmax(x.float())
 
 
 def test_native_step_leaves_models_it_cannot_run_to_the_loop(embedded):

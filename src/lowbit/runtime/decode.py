@@ -120,6 +120,10 @@ def _native_step(model: nn.Module, dec: "Decoder"):
             return None
         step.add_layer(norm(block.input_layernorm), norm(block.post_attention_layernorm),
                        norm(getattr(att, "q_norm", None)), norm(getattr(att, "k_norm", None)), projs)
+    head = _native_proj(mod, model.get_output_embeddings())
+    if head is not None and model.model.norm.weight.dtype == torch.bfloat16:
+        step.set_head(norm(model.model.norm), head)  # run() returns logits
+        dec.native_head = True
     return step
 
 
@@ -162,6 +166,7 @@ class Decoder:
         self.k_cache = torch.zeros(shape, dtype=torch.float32)
         self.v_cache = torch.zeros(shape, dtype=torch.float32)
         self.pos = 0
+        self.native_head = False  # the C++ step runs the final norm and head too
         self.step = _native_step(model, self) if native else None
         if self.step is not None:
             self.step.timed = hooks
@@ -181,11 +186,24 @@ class Decoder:
             raise UserError(f"the KV cache holds {self.max_len} positions; {pos + t} asked for")
         x = self.embed(ids)
         if t == 1 and self.step is not None:
-            x = self.step.run(x[0], pos, self.q_cos, self.q_sin, self.cos, self.sin, self.k_cache, self.v_cache)[None]
+            x = self.step.run(x[0], pos, self.q_cos, self.q_sin, self.cos, self.sin, self.k_cache, self.v_cache)
+            self.pos = pos + t
+            if self.native_head:
+                return x
+            x = x[None]
         else:
             x = self._layers(x, pos)
-        self.pos = pos + t
+            self.pos = pos + t
         return self.lm_head(_rms_norm(x[-1:], *self.norm))[0]
+
+    def next_token(self, ids: torch.Tensor) -> torch.Tensor:
+        """The greedy next token after `ids` ([1, 1]); torch.argmax's choice."""
+        logits = self.forward(ids)
+        if self.step is not None and logits.dtype == torch.bfloat16:
+            from lowbit.runtime.kernels import native
+
+            return torch.tensor([[native.module().argmax(logits)]])
+        return logits.argmax().view(1, 1)
 
     def _layers(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         t = x.shape[0]

@@ -59,7 +59,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
         decoder = Decoder(model, prompt_len + max_new_tokens, hooks=time_linears)
 
         def step(ids, pos):
-            return decoder.forward(ids).argmax().view(1, 1)
+            return decoder.next_token(ids)
     else:
         from transformers import StaticCache
 

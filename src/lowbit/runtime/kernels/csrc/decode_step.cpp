@@ -12,6 +12,7 @@
 // product and the residual adds each rounded to bf16. Only fp32 summation order differs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <chrono>
@@ -25,6 +26,33 @@ namespace {
 
 using bf16 = at::BFloat16;
 using lowbit::detail::TILE;
+
+// 8 bf16 <-> fp32 at a time (AVX2, both builds): a bf16 is the top half of a float, rounded as
+// c10::BFloat16 rounds (to nearest even, NaN to 0x7FC0). One value at a time, the conversions
+// were most of the ~10 us a layer spent on norms, residual adds and SiLU at hidden size 576.
+inline __m256 load8(const bf16* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline __m256i bf16_bits(__m256 x) {  // in the low half of each lane
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+}
+inline __m256 round8(__m256 x) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(x), 16)); }
+inline void store8(bf16* p, __m256 x) {
+  const __m256i b = bf16_bits(x);  // lanes <= 0xFFFF: the unsigned saturating pack is exact
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+// x[i] = bf16(x[i] + y[i]): residual adds, biases
+void add_into(bf16* x, const bf16* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(x + i, _mm256_add_ps(load8(x + i), load8(y + i)));
+  for (; i < n; ++i) x[i] = bf16(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+}
 
 enum ProjKind { PROJ_INT4 = 0, PROJ_INT8 = 1, PROJ_DENSE = 2 };
 
@@ -60,8 +88,7 @@ struct Proj {
   }
   void add_bias(bf16* y) const {
     if (!bias.defined()) return;
-    const bf16* b = bias.data_ptr<bf16>();
-    for (int64_t i = 0; i < n; ++i) y[i] = bf16(static_cast<float>(y[i]) + static_cast<float>(b[i]));
+    add_into(y, bias.data_ptr<bf16>(), n);
   }
 };
 
@@ -138,10 +165,17 @@ struct Layer {
 void rms_norm(const bf16* x, bf16* y, int64_t d, int64_t count, const Norm& nm) {
   const bf16* w = nm.weight.data_ptr<bf16>();
   for (int64_t c = 0; c < count; ++c, x += d, y += d) {
-    float ss = 0.f;
-    for (int64_t i = 0; i < d; ++i) ss += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+    __m256 ss8 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) ss8 = _mm256_fmadd_ps(load8(x + i), load8(x + i), ss8);
+    float part[8], ss = 0.f;
+    _mm256_storeu_ps(part, ss8);
+    for (; i < d; ++i) ss += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+    for (float v : part) ss += v;
     const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(nm.eps));
-    for (int64_t i = 0; i < d; ++i)
+    for (i = 0; i + 8 <= d; i += 8)
+      store8(y + i, _mm256_mul_ps(load8(w + i), round8(_mm256_mul_ps(load8(x + i), _mm256_set1_ps(r)))));
+    for (; i < d; ++i)
       y[i] = bf16(static_cast<float>(w[i]) * static_cast<float>(bf16(static_cast<float>(x[i]) * r)));
   }
 }
@@ -158,7 +192,8 @@ void rotate(const bf16* x, float* y, int64_t d, int64_t heads, const float* cos,
 }
 
 // a . b over d floats in 16 independent partial sums, which the compiler vectorizes without
-// reassociating (one chain of d dependent adds made the scores ~8% of a 4-bit decode step)
+// reassociating (one chain of d dependent adds made the scores ~8% of a 4-bit decode step),
+// added pairwise at the end: a chain of 4 adds, not 16
 inline float dot(const float* a, const float* b, int64_t d) {
   float part[16] = {};
   int64_t i = 0;
@@ -166,8 +201,100 @@ inline float dot(const float* a, const float* b, int64_t d) {
     for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
   float sum = 0.f;
   for (; i < d; ++i) sum += a[i] * b[i];
-  for (int j = 0; j < 16; ++j) sum += part[j];
+  for (int w = 8; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) part[j] += part[j + w];
+  return sum + part[0];
+}
+
+// e^x for 8 floats: Cephes' expf (x = n ln2 + r, a degree-7 polynomial in r, times 2^n), within
+// 1 ulp of std::exp (checked over [-100, 100]); +inf above 88.72, 0 below -87.33 (std::exp gives
+// denormals there), NaN kept: SiLU and the softmax 8 values at a time.
+inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.72283f), lo = _mm256_set1_ps(-87.33654f);
+  const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);  // ln2 in two parts: r exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  // 2^n as two factors: n reaches 128 at the top of the range, one past a float's exponent
+  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  auto pow2 = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, pow2(n1)), pow2(n2));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// e^x over n floats in place; returns their sum
+float exp_inplace(float* x, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 y = exp8(_mm256_loadu_ps(x + i));
+    _mm256_storeu_ps(x + i, y);
+    acc = _mm256_add_ps(acc, y);
+  }
+  float part[8], sum = 0.f;
+  _mm256_storeu_ps(part, acc);
+  if (i < n) {  // the tail through a padded block
+    float t[8] = {};
+    std::copy(x + i, x + n, t);
+    _mm256_storeu_ps(t, exp8(_mm256_loadu_ps(t)));
+    for (int64_t j = 0; j < n - i; ++j) sum += (x[i + j] = t[j]);
+  }
+  for (float v : part) sum += v;
   return sum;
+}
+
+// out[c] = bf16(sum_p w[p] * V[p, c]) for columns c0 .. c0 + 8 NB (V's row stride d): NB
+// independent chains in registers (summed in memory, each position's add waited on the last
+// one's store: ~40% of the attention's time)
+template <int NB>
+void weighted_cols(const float* w, const float* V, int64_t rows, int64_t d, int64_t c0, bf16* out) {
+  __m256 acc[NB];
+  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < rows; ++p) {
+    const __m256 wp = _mm256_set1_ps(w[p]);
+    for (int j = 0; j < NB; ++j) acc[j] = _mm256_fmadd_ps(wp, _mm256_loadu_ps(V + p * d + c0 + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < NB; ++j) store8(out + c0 + 8 * j, acc[j]);
+}
+
+template <int... NB>
+void weighted_cols_n(int nb, std::integer_sequence<int, NB...>, const float* w, const float* V, int64_t rows,
+                     int64_t d, int64_t c0, bf16* out) {
+  ((nb == NB + 1 ? weighted_cols<NB + 1>(w, V, rows, d, c0, out) : void()), ...);
+}
+
+// out = bf16(w @ V) for V fp32 [rows, d]: 64 columns at a time, then what is left
+void weighted_sum(const float* w, const float* V, int64_t rows, int64_t d, bf16* out) {
+  int64_t c0 = 0;
+  for (; c0 + 8 <= d; c0 += 64)
+    weighted_cols_n(static_cast<int>(std::min<int64_t>(8, (d - c0) / 8)), std::make_integer_sequence<int, 8>{}, w, V,
+                    rows, d, c0, out);
+  for (c0 = d / 8 * 8; c0 < d; ++c0) {
+    float a = 0.f;
+    for (int64_t p = 0; p < rows; ++p) a += w[p] * V[p * d + c0];
+    out[c0] = bf16(a);
+  }
+}
+
+// silu(gate) * up, each rounded to bf16 as torch rounds them, in place in gate
+void silu_mul(bf16* gate, const bf16* up, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = load8(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));
+    store8(gate + i, _mm256_mul_ps(round8(_mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.f), e))), load8(up + i)));
+  }
+  for (; i < n; ++i) {
+    const float a = static_cast<float>(gate[i]);
+    gate[i] = bf16(static_cast<float>(bf16(a / (1.f + std::exp(-a)))) * static_cast<float>(up[i]));
+  }
 }
 
 class DecodeStep {
@@ -187,7 +314,17 @@ class DecodeStep {
     layers_.push_back(std::move(l));
   }
 
-  // x: bf16 [hidden], the embedded token at position pos; returns the last layer's output.
+  // The model's final norm and head: run() then returns logits, not the last layer's output
+  // (in Python they were ~0.2 ms of ATen calls per token beside a head GEMV of ~1 ms).
+  void set_head(Norm norm, Proj head) {
+    TORCH_CHECK(head.k == hidden_, "head: hidden-wide rows");
+    final_norm_ = std::move(norm);
+    head_ = std::move(head);
+    has_head_ = true;
+  }
+
+  // x: bf16 [hidden], the embedded token at position pos; returns the last layer's output, or
+  // with a head set, the logits (bf16 [vocab]).
   // Rotary rows: q_cos/q_sin (softmax scaling folded in) and cos/sin, fp32 [max_len, head_dim].
   // Caches: fp32 [layers, n_kv, max_len, head_dim], written at pos.
   torch::Tensor run(torch::Tensor x, int64_t pos, torch::Tensor q_cos, torch::Tensor q_sin, torch::Tensor cos,
@@ -205,7 +342,7 @@ class DecodeStep {
     bf16* h = buf16(hidden_, 0);
     bf16 *q = buf16(qd, 1), *kk = buf16(kvd, 2), *vv = buf16(kvd, 3), *att = buf16(qd, 4), *o = buf16(hidden_, 5);
     bf16 *gt = buf16(inter_, 6), *up = buf16(inter_, 7);
-    std::vector<float> xf(std::max(inter_, std::max(hidden_, qd))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1)), acc(qd);
+    std::vector<float> xf(std::max(inter_, std::max(hidden_, qd))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1));
     bf16* xs = out.data_ptr<bf16>();
     const float *qc = q_cos.data_ptr<float>() + pos * d_, *qs = q_sin.data_ptr<float>() + pos * d_;
     const float *kc = cos.data_ptr<float>() + pos * d_, *ks = sin.data_ptr<float>() + pos * d_;
@@ -238,30 +375,25 @@ class DecodeStep {
             s[p] = dot(qv, K + p * d_, d_);
             mx = std::max(mx, s[p]);
           }
-          float sum = 0.f;
-          for (int64_t p = 0; p <= pos; ++p) sum += (s[p] = std::exp(s[p] - mx));
-          float* a = acc.data() + hq * d_;
-          std::fill(a, a + d_, 0.f);
-          for (int64_t p = 0; p <= pos; ++p) {
-            const float pr = s[p] / sum;
-            for (int64_t i = 0; i < d_; ++i) a[i] += pr * V[p * d_ + i];
-          }
-          for (int64_t i = 0; i < d_; ++i) att[hq * d_ + i] = bf16(a[i]);
+          for (int64_t p = 0; p <= pos; ++p) s[p] -= mx;
+          const float sum = exp_inplace(s, pos + 1);
+          for (int64_t p = 0; p <= pos; ++p) s[p] /= sum;  // the probabilities, as softmax gives them
+          weighted_sum(s, V, pos + 1, d_, att + hq * d_);
         }
       });
       proj({{&l.o, o}}, att, xf.data());
-      for (int64_t i = 0; i < hidden_; ++i) xs[i] = bf16(static_cast<float>(xs[i]) + static_cast<float>(o[i]));
+      add_into(xs, o, hidden_);
       rms_norm(xs, h, hidden_, 1, l.norm2);
       proj({{&l.gate, gt}, {&l.up, up}}, h, xf.data());
-      const int64_t ni = l.gate.n;
-      for (int64_t i = 0; i < ni; ++i) {
-        const float a = static_cast<float>(gt[i]);
-        gt[i] = bf16(static_cast<float>(bf16(a / (1.f + std::exp(-a)))) * static_cast<float>(up[i]));
-      }
+      silu_mul(gt, up, l.gate.n);
       proj({{&l.down, o}}, gt, xf.data());
-      for (int64_t i = 0; i < hidden_; ++i) xs[i] = bf16(static_cast<float>(xs[i]) + static_cast<float>(o[i]));
+      add_into(xs, o, hidden_);
     }
-    return out;
+    if (!has_head_) return out;
+    auto logits = torch::empty({head_.n}, out.options());
+    rms_norm(xs, h, hidden_, 1, final_norm_);
+    proj({{&head_, logits.data_ptr<bf16>()}}, h, xf.data());
+    return logits;
   }
 
   double linear_seconds = 0;  // time inside projections, accumulated while `timed`
@@ -281,8 +413,45 @@ class DecodeStep {
 
   int64_t hidden_, n_heads_, n_kv_, d_, max_len_, inter_ = 0;
   std::vector<Layer> layers_;
+  Norm final_norm_;
+  Proj head_;
+  bool has_head_ = false;
   std::vector<bf16> bufs_[8];
 };
+
+// torch.argmax of bf16 logits took ~180 us per token at a 49152-word vocabulary; this ~5 us.
+// bf16 bits as an int16 that orders as the numbers do (-0 == +0; NaNs apart), so both passes
+// are integer loops the compiler vectorizes (a float max or a branch per value kept it from it).
+inline int16_t order_key(uint16_t b) {
+  const auto s = static_cast<int16_t>(b);
+  return s >= 0 ? s : static_cast<int16_t>((s ^ 0x7FFF) + 1);
+}
+inline int is_nan(uint16_t b) { return (b & 0x7FFF) > 0x7F80; }
+
+// The first index of the largest value of a 1-D bf16 tensor, NaN counting as largest: torch.argmax.
+int64_t argmax(const torch::Tensor& t) {
+  TORCH_CHECK(t.dtype() == torch::kBFloat16 && t.dim() == 1 && t.numel() > 0 && t.is_contiguous(),
+              "argmax: a non-empty 1-D bf16 tensor");
+  const auto* v = reinterpret_cast<const uint16_t*>(t.data_ptr<bf16>());
+  const int64_t n = t.numel();
+  int16_t mx = INT16_MIN;
+  int nan = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    mx = std::max(mx, order_key(v[i]));
+    nan |= is_nan(v[i]);
+  }
+  auto hit = [&](int64_t i) { return nan ? is_nan(v[i]) : static_cast<int>(order_key(v[i]) == mx); };
+  constexpr int64_t B = 64;  // a block tested whole, without branches, before it is searched
+  for (int64_t i0 = 0; i0 < n; i0 += B) {
+    const int64_t i1 = std::min(n, i0 + B);
+    int any = 0;
+    for (int64_t i = i0; i < i1; ++i) any |= hit(i);
+    if (any)
+      for (int64_t i = i0; i < i1; ++i)
+        if (hit(i)) return i;
+  }
+  return 0;
+}
 
 }  // namespace
 
@@ -298,12 +467,14 @@ void lowbit_register_decode(pybind11::module_& m) {
     n.eps = eps;
     return n;
   }));
+  m.def("argmax", &argmax, "the first index of the largest value of a 1-D bf16 tensor (NaN largest), as torch.argmax");
   m.def("proj_int4", &make_int4, "an int4 projection (lowbit layout) for the decode step");
   m.def("proj_int8", &make_int8, "an int8 per-channel projection for the decode step");
   m.def("proj_dense", &make_dense, "a dense bf16 projection for the decode step");
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
+      .def("set_head", &DecodeStep::set_head)
       .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>())
       .def_readwrite("linear_seconds", &DecodeStep::linear_seconds)
       .def_readwrite("timed", &DecodeStep::timed);
