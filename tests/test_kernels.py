@@ -142,6 +142,35 @@ def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, mo
         assert not torch.equal(y, y16)  # the switch reached the kernel
 
 
+@pytest.mark.skipif(not NATIVE or not native.runs("avx512"), reason="the int8-activation prefill is in the avx512 build "
+                    "(AVX512-VNNI); this CPU does not run it")
+@pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (100, 1536)), ("q4_0", (40, 576)),
+                                        ("q4_1", (40, 576)), ("int4-g128", (64, 512)), ("int4-channel", (6, 576)),
+                                        ("int4-g96", (37, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512))])
+def test_int8_activation_prefill_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
+    # many rows on int8 activations (vnni_gemm.cpp): 16-row weight panels with a short last one,
+    # 12-row activation blocks and their tails, every zero-term mode, groups of 32 to a whole row
+    monkeypatch.setattr(native, "isa", lambda: "avx512")
+    torch.manual_seed(0)
+    qt = quantize_tensor(torch.randn(shape) * 0.05, name)
+    kernel = select(qt, torch.bfloat16, torch.device("cpu"))
+    st = kernel.prepare(qt, torch.bfloat16)
+    w = qt.dequantize().double()
+    for m in (17, 40, 129):
+        x = torch.randn(m, shape[1])
+        x[:, 7] *= 40
+        x = x.bfloat16()
+        monkeypatch.setenv("LOWBIT_GEMV_ACT", "int8")
+        y = kernel.run(x, st).double()
+        monkeypatch.setenv("LOWBIT_GEMV_ACT", "bf16")
+        y16 = kernel.run(x, st).double()
+        xh = round_activations_int8(x).double()
+        ref = xh @ w.t()
+        bound = 2 ** -8 * ref.abs() + 1e-5 * (xh.abs() @ w.abs().t()) + 1e-6
+        assert ((y - ref).abs() <= bound).all(), (name, m, float((y - ref).abs().max()))
+        assert not torch.equal(y, y16)  # the switch reached the prefill
+
+
 def test_a_build_without_int8_activations_refuses_them(native_isa):
     # the avx2 build has no int8-activation GEMVs: asking for one is an error, not a quiet bf16 run
     torch.manual_seed(0)

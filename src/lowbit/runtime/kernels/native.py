@@ -49,7 +49,7 @@ class Build:
 
 BUILDS = {  # best first
     "avx512": Build("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
-                    ("avx512.cpp", "amx_gemm.cpp", "bf16_gemm.cpp"),
+                    ("avx512.cpp", "amx_gemm.cpp", "bf16_gemm.cpp", "vnni_gemm.cpp"),
                     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
                      "-DLOWBIT_PREFILL")),
     "avx2": Build("avx2", ("avx2", "fma", "f16c"), ("avx2.cpp",), ("-mavx2", "-mfma", "-mf16c")),
@@ -153,8 +153,8 @@ GEMV_ACTS = ("bf16", "int8")
 
 def gemv_act_int8() -> bool:
     """Whether lowbit's int4 and int8 GEMVs (up to GEMV_MAX_ROWS activation rows, so decode)
-    round their activations to int8 in blocks of 32 first: `LOWBIT_GEMV_ACT=int8`, and the
-    avx512 build runs. llama.cpp does this for every quantized type; lowbit keeps bf16
+    and its 4-bit prefill GEMM round their activations to int8 in blocks of 32 first:
+    `LOWBIT_GEMV_ACT=int8`, and the avx512 build runs. llama.cpp does this for every quantized type; lowbit keeps bf16
     activations unless asked, because it changes the numbers (benchmarks/isa.py measures the
     KL it adds and the speed it buys). Read at each call, so a benchmark can switch."""
     act = os.environ.get("LOWBIT_GEMV_ACT", "bf16")
@@ -254,6 +254,8 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     n, k = st["n"], x2.shape[1]
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = module().int4_mm(x2, *args, n, st["group"], st["mode"], st["zconst"], gemv_act_int8())
+    elif isa() == "avx512" and gemv_act_int8():
+        y = module().int4_mm_prefill_a8(x2, *args, n, st["group"], st["mode"], st["zconst"])
     elif isa() == "avx512":
         y = module().int4_mm_prefill(x2, *args, n, st["group"], st["mode"], st["zconst"], amx())
     else:

@@ -231,10 +231,11 @@ void int4_tiles(int64_t m, const uint8_t* codes, const S* scale, const void* zp,
 // The activations are stored in that order once per call. A trailing 64-column chunk's byte
 // j is columns j and j+32: lo and hi side by side are columns 0..63 in order.
 
-// x [m, k] -> xq (int8; in the int4 kernel's order, or in column order), xs [m, k/32] block
-// scales, sx [m, G] the group sums of x_hat for the zero term.
-void quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, bool int4_order, int8_t* xq, float* xs,
-                float* sx) {
+}  // namespace
+
+// lowbit_cpu.h; also the int8-activation prefill's (vnni_gemm.cpp), in column order
+void lowbit::detail::quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, bool int4_order, int8_t* xq,
+                                float* xs, float* sx) {
   const int64_t B = k / 32, G = k / g;
   const __m512i lo_idx = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi_idx = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   alignas(64) int8_t nat[128];
@@ -263,6 +264,8 @@ void quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, bool int
     }
   }
 }
+
+namespace {
 
 // One tile (TILE weight rows) against M int8 activation rows; sblk holds TILE * M * k/32 scratch.
 template <int M, typename S, int ZMODE>

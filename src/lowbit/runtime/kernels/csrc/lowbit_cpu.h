@@ -40,6 +40,18 @@ void int4_dequant_rows(const uint8_t* codes, const void* scale, bool half_scale,
                        float zconst, int64_t k, int64_t group_size, int64_t r0, int64_t r1, c10::BFloat16* out);
 void int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r0, int64_t r1, c10::BFloat16* out);
 
+// The same for many activation rows (prefill) on int8 activations: vnni_gemm.cpp, avx512 build.
+void int4_gemm_a8_many(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
+                       bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
+                       int64_t group_size, c10::BFloat16* y);
+
+namespace detail {
+// x [m, k] rounded to int8 in blocks of 32 columns (avx512.cpp): codes xq (in the int4 GEMV's
+// order, or in column order), block scales xs [m, k/32], and x_hat's sums per group of g, sx [m, k/g].
+void quantize_x(const c10::BFloat16* x, int64_t m, int64_t k, int64_t g, bool int4_order, int8_t* xq, float* xs,
+                float* sx);
+}  // namespace detail
+
 // The avx512 build's prefill GEMMs. amx_gemm.cpp: whether this process may use the AMX tile
 // state, and y[m, n] = x[m, k] @ W^T for many rows on AMX-BF16 tiles, dequant(r0, r1, out)
 // writing weight rows [r0, r1) (r1 - r0 <= 32) as bf16 into out (row stride k). k % 32 == 0.
