@@ -4,8 +4,8 @@
 // instruction where vdpbf16ps takes 32 bf16 ones, and the bf16 GEMM (bf16_gemm.cpp) runs near
 // that peak, so on int8 activations a 4-bit weight's prefill can pass a bf16 weight's.
 //
-// The codes of 16 weight rows are unpacked into a panel: for each 4 consecutive columns, one
-// register of 16 rows x 4 unsigned bytes, which vpdpbusd multiplies with the 4 int8 activations
+// The codes of 32 weight rows are unpacked into a panel: for each 4 consecutive columns, two
+// registers of 16 rows x 4 unsigned bytes, which vpdpbusd multiplies with the 4 int8 activations
 // of those columns broadcast to every lane. Per block of 32 columns the int32 sums are scaled
 // by scale_w * scale_x into fp32; the zero terms (as the GEMVs': -scale * zero point, or the
 // float offset) times x_hat's group sums are added at the end.
@@ -23,8 +23,12 @@ namespace {
 
 using namespace lowbit::detail;
 
-constexpr int NR = 16;  // weight rows per panel: one register of int32 lanes
-constexpr int MR = 12;  // activation rows per microkernel: 12 int32 and 12 fp32 accumulators (8 and 10: slower)
+// A panel step is H registers of 16 rows; a microkernel MR activation rows: MR * H int32 and as
+// many fp32 accumulators. 16 x 12, 32 x 6, 48 x 4 and 32 x 5 ran within 4% of each other on the
+// Zen 4 host (vpdpbusd bound); 32 x 6 was the fastest by a little.
+constexpr int H = 2;
+constexpr int NR = 16 * H;  // weight rows per panel
+constexpr int MR = 6;
 
 struct Panel {
   std::vector<int32_t> codes;     // [k / 4][NR]: 4 columns' codes of each row
@@ -32,7 +36,7 @@ struct Panel {
   std::vector<float> zero;         // [G][NR]: each group's zero term per row
 };
 
-// Weight rows 4 t0 .. 4 t0 + 15 (whole tiles; rows past the last tile are zero) into p.
+// Weight rows 4 t0 .. 4 t0 + NR - 1 (whole tiles; rows past the last tile are zero) into p.
 template <typename S, int ZMODE>
 void build_panel(const uint8_t* codes, const S* scale, const void* zp, float zconst, int64_t k, int64_t g,
                  int64_t n_tiles, int64_t t0, Panel& p) {
@@ -40,39 +44,41 @@ void build_panel(const uint8_t* codes, const S* scale, const void* zp, float zco
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i evens_first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
   auto row = [&](int r) { return t0 + r / TILE < n_tiles ? codes + (t0 + r / TILE) * TILE * (k / 2) : nullptr; };
-  int32_t* out = p.codes.data();
-  for (int64_t c = 0; c < nc; ++c) {
-    // a row's 64 bytes (the layout: avx512.cpp): the low nibbles, even bytes first in each 16-byte
-    // lane, hold in dword 4 l + j columns 8 l + 4 j (j < 2) or 64 + 8 l + 4 (j - 2); the high
-    // nibbles the same columns + 32
-    __m512i lo[NR], hi[NR];
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* t = row(r);
-      const __m512i wv = t ? _mm512_loadu_si512(t + (c * TILE + r % TILE) * 64) : _mm512_setzero_si512();
-      lo[r] = _mm512_shuffle_epi8(_mm512_and_si512(wv, low4), evens_first);
-      hi[r] = _mm512_shuffle_epi8(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low4), evens_first);
+  for (int h = 0; h < H; ++h) {  // rows 16 h .. 16 h + 15: register h of each step
+    int32_t* out = p.codes.data() + 16 * h;
+    for (int64_t c = 0; c < nc; ++c) {
+      // a row's 64 bytes (the layout: avx512.cpp): the low nibbles, even bytes first in each 16-byte
+      // lane, hold in dword 4 l + j columns 8 l + 4 j (j < 2) or 64 + 8 l + 4 (j - 2); the high
+      // nibbles the same columns + 32
+      __m512i lo[16], hi[16];
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* t = row(16 * h + r);
+        const __m512i wv = t ? _mm512_loadu_si512(t + (c * TILE + r % TILE) * 64) : _mm512_setzero_si512();
+        lo[r] = _mm512_shuffle_epi8(_mm512_and_si512(wv, low4), evens_first);
+        hi[r] = _mm512_shuffle_epi8(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low4), evens_first);
+      }
+      transpose16(lo);  // lo[d]: dword d of every row
+      transpose16(hi);
+      for (int d = 0; d < 16; ++d) {
+        const int l = d / 4, j = d % 4;
+        const int64_t quad = 32 * c + (j < 2 ? 2 * l + j : 16 + 2 * l + j - 2);  // its first column / 4
+        _mm512_storeu_si512(out + quad * NR, lo[d]);
+        _mm512_storeu_si512(out + (quad + 8) * NR, hi[d]);
+      }
     }
-    transpose16(lo);  // lo[d]: dword d of every row
-    transpose16(hi);
-    for (int d = 0; d < 16; ++d) {
-      const int l = d / 4, j = d % 4;
-      const int64_t quad = 32 * c + (j < 2 ? 2 * l + j : 16 + 2 * l + j - 2);  // its first column / 4
-      _mm512_storeu_si512(out + quad * NR, lo[d]);
-      _mm512_storeu_si512(out + (quad + 8) * NR, hi[d]);
+    if (k % 128) {  // a trailing 64-column chunk: byte j is columns j and j + 32
+      const __m256i low4h = _mm256_set1_epi8(0x0F);
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* t = row(16 * h + r);
+        const __m256i b = t ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + nc * TILE * 64 + (r % TILE) * 32))
+                            : _mm256_setzero_si256();
+        v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4h)),
+                                  _mm256_and_si256(_mm256_srli_epi16(b, 4), low4h), 1);
+      }
+      transpose16(v);
+      for (int d = 0; d < 16; ++d) _mm512_storeu_si512(out + (32 * nc + d) * NR, v[d]);
     }
-  }
-  if (k % 128) {  // a trailing 64-column chunk: byte j is columns j and j + 32
-    const __m256i low4h = _mm256_set1_epi8(0x0F);
-    __m512i v[NR];
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* t = row(r);
-      const __m256i b = t ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + nc * TILE * 64 + (r % TILE) * 32))
-                          : _mm256_setzero_si256();
-      v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4h)),
-                                _mm256_and_si256(_mm256_srli_epi16(b, 4), low4h), 1);
-    }
-    transpose16(v);
-    for (int d = 0; d < 16; ++d) _mm512_storeu_si512(out + (32 * nc + d) * NR, v[d]);
   }
   for (int64_t j = 0; j < G; ++j)
     for (int r = 0; r < NR; ++r) {
@@ -96,27 +102,41 @@ template <int R>
 void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, const Panel* p, int64_t k, int64_t g,
            at::BFloat16* y, int64_t n, int64_t r0) {
   const int64_t B = k / 32, G = k / g;
-  __m512 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[R][H];
+  for (int i = 0; i < R; ++i)
+    for (int h = 0; h < H; ++h) acc[i][h] = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
-    __m512i s[R];
+    __m512i s[R][H];
     const int32_t* w = p->codes.data() + b * 8 * NR;
-    for (int i = 0; i < R; ++i) s[i] = _mm512_setzero_si512();
+    for (int i = 0; i < R; ++i)
+      for (int h = 0; h < H; ++h) s[i][h] = _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int u = 0; u < 8; ++u) {
-      const __m512i wv = _mm512_loadu_si512(w + u * NR);
-      for (int i = 0; i < R; ++i) s[i] = _mm512_dpbusd_epi32(s[i], wv, _mm512_set1_epi32(x4[i * ld4 + 8 * b + u]));
+      __m512i wv[H];
+      for (int h = 0; h < H; ++h) wv[h] = _mm512_loadu_si512(w + u * NR + 16 * h);
+      for (int i = 0; i < R; ++i) {
+        const __m512i xb = _mm512_set1_epi32(x4[i * ld4 + 8 * b + u]);
+        for (int h = 0; h < H; ++h) s[i][h] = _mm512_dpbusd_epi32(s[i][h], wv[h], xb);
+      }
     }
-    const __m512 sw = _mm512_loadu_ps(p->scale.data() + b * NR);
-    for (int i = 0; i < R; ++i)
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_mul_ps(sw, _mm512_set1_ps(xs[i * B + b])), acc[i]);
+    for (int h = 0; h < H; ++h) {
+      const __m512 sw = _mm512_loadu_ps(p->scale.data() + b * NR + 16 * h);
+      for (int i = 0; i < R; ++i)
+        acc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][h]), _mm512_mul_ps(sw, _mm512_set1_ps(xs[i * B + b])),
+                                    acc[i][h]);
+    }
   }
-  for (int64_t j = 0; j < G; ++j) {
-    const __m512 z = _mm512_loadu_ps(p->zero.data() + j * NR);
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx[i * G + j]), acc[i]);
+  for (int64_t j = 0; j < G; ++j)
+    for (int h = 0; h < H; ++h) {
+      const __m512 z = _mm512_loadu_ps(p->zero.data() + j * NR + 16 * h);
+      for (int i = 0; i < R; ++i) acc[i][h] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx[i * G + j]), acc[i][h]);
+    }
+  for (int h = 0; h < H; ++h) {
+    const int64_t c0 = r0 + 16 * h;
+    if (c0 >= n) break;
+    const __mmask16 keep = n - c0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c0)) - 1);
+    for (int i = 0; i < R; ++i) _mm256_mask_storeu_epi16(y + i * n + c0, keep, (__m256i)_mm512_cvtneps_pbh(acc[i][h]));
   }
-  const __mmask16 keep = n - r0 >= NR ? 0xFFFF : static_cast<__mmask16>((1u << (n - r0)) - 1);
-  for (int i = 0; i < R; ++i) _mm256_mask_storeu_epi16(y + i * n + r0, keep, (__m256i)_mm512_cvtneps_pbh(acc[i]));
 }
 
 // (arguments by value: the panel goes by pointer)
@@ -140,7 +160,7 @@ void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, cons
   for (int64_t i = 0; i < m; ++i) std::copy(xq.data() + i * k, xq.data() + (i + 1) * k, xp.data() + i * ld);
   const auto* x4 = reinterpret_cast<const int32_t*>(xp.data());
   at::parallel_for(0, (n + NR - 1) / NR, 1, [&](int64_t p0, int64_t p1) {
-    thread_local Panel pan;  // reused: ~16 k bytes of codes
+    thread_local Panel pan;  // reused: NR * k bytes of codes
     pan.codes.resize(k / 4 * NR);
     pan.scale.resize(B * NR);
     pan.zero.resize(G * NR);
@@ -148,10 +168,11 @@ void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, cons
       using S = decltype(s);
       for (int64_t pi = p0; pi < p1; ++pi) {
         build_panel<S, decltype(z)::value>(codes, static_cast<const S*>(scale), zero, zconst, k, group_size, n_tiles,
-                                           pi * NR / TILE, pan);
+                                           pi * (NR / TILE), pan);
         for (int64_t i0 = 0; i0 < m; i0 += MR)
           micro_rows(static_cast<int>(std::min<int64_t>(MR, m - i0)), std::make_integer_sequence<int, MR>{},
-                     x4 + i0 * ld / 4, ld / 4, xs.data() + i0 * B, sx.data() + i0 * G, &pan, k, group_size, y + i0 * n, n,
+                     x4 + i0 * ld / 4, ld / 4, xs.data() + i0 * B, sx.data() + i0 * G, &pan, k, group_size,
+                     y + i0 * n, n,
                      pi * NR);
       }
     });
