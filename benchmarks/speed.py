@@ -3,10 +3,11 @@
 1. STREAM-like copy bandwidth (the roof), 2 threads.
 2. Embedded SmolLM2-135M: decode tokens/s at batch 1 (static KV cache) through
    lowbit's decode loop and through transformers' forward, and prefill tokens/s
-   (prompts of 32 and 128 tokens) for fp32, bf16, fp16 and the quantized variants
-   (bf16 activations, packed kernels, lm_head int8); where the avx512 build runs, q4_0 is
-   timed a second time with its GEMVs on int8 activations (LOWBIT_GEMV_ACT=int8, the
-   rounding llama.cpp applies to every quantized type's dot products).
+   (prompts of 32 and 128 tokens, the last position's logits, as llama-bench's pp) for fp32,
+   bf16, fp16 and the quantized variants (bf16 activations, packed kernels, lm_head int8);
+   where the avx512 build runs, q4_0 is timed a second time with its GEMVs and 4-bit prefill
+   on int8 activations (LOWBIT_GEMV_ACT=int8, the rounding llama.cpp applies to every
+   quantized type's dot products).
 3. llama.cpp (built from the llama-cpp-python sdist), timed by llama-bench before and after
    lowbit on the same model: F32, F16, BF16, Q8_0 and Q4_0 from llama-quantize, and
    lowbit's own Q4_0 export (same threads; decode of `--tokens`, prefill of 128).
@@ -133,7 +134,8 @@ def format_peer(res: dict) -> str:
                  f"prefill {q['prefill_tokens_per_s_by_len']['128'] / ref('prefill_tokens_per_s'):.2f}x")
     if A8 in v:
         lines.append(f"lowbit q4_0 with int8 activations / llama.cpp Q4_0: decode "
-                     f"{v[A8]['decode_tokens_per_s'] / ref('decode_tokens_per_s'):.2f}x")
+                     f"{v[A8]['decode_tokens_per_s'] / ref('decode_tokens_per_s'):.2f}x, "
+                     f"prefill {v[A8]['prefill_tokens_per_s_by_len']['128'] / ref('prefill_tokens_per_s'):.2f}x")
     return "\n".join(lines)
 
 

@@ -129,7 +129,9 @@ def _time_rotating(run: Callable, states: list, x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def prefill_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, repeat: int = 3) -> float:
-    t = _best(lambda: model(input_ids=input_ids, use_cache=False), repeat, warmup=1)
+    """Prompt tokens/s of one forward with the next token's logits only (the last position),
+    as a serving engine's prefill and llama-bench's pp test compute them."""
+    t = _best(lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1), repeat, warmup=1)
     return input_ids.numel() / t
 
 
