@@ -8,7 +8,9 @@ over `--rounds` rounds, medians reported:
 - `dequant+mm`: ~2 MB blocks of W dequantized into one reused buffer, then PyTorch's bf16
   GEMM on each (the AVX2 build's prefill, and the avx512 build's before
   csrc/bf16_gemm.cpp);
-- `lowbit`: what dispatch runs (AMX tiles where the CPU grants them, else the AVX512-BF16 GEMM).
+- `lowbit`: what dispatch runs (AMX tiles where the CPU grants them, else the AVX512-BF16 GEMM);
+- `lowbit int8 act`: the same with LOWBIT_GEMV_ACT=int8 (avx512 build): activations rounded to
+  int8 in blocks of 32, VNNI (csrc/vnni_gemm.cpp); llama.cpp's numerics, not bf16's.
 
 Every path is checked against `bf16 mm` first.
 
@@ -26,6 +28,7 @@ sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sr
 import torch  # noqa: E402
 
 from lowbit import quantize_tensor  # noqa: E402
+from lowbit.evaluate.bench import environment  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402
 from lowbit.runtime.kernels import native, select  # noqa: E402
 
@@ -41,7 +44,13 @@ def paths(n: int, k: int) -> dict:
     mod, args = native.module(), (st["codes"], st["scale"], st["zero"])
     blocks = lambda x: native._blocked_mm(x, n, lambda r0, r1, out: mod.int4_dequant(  # noqa: E731
         *args, n, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // native.TILE) * native.TILE, out))
-    return {"bf16 mm": lambda x: x @ wb.t(), "dequant+mm": blocks, "lowbit": lambda x: kernel.run(x, st)}
+    fns = {"bf16 mm": lambda x: x @ wb.t(), "dequant+mm": blocks, "lowbit": lambda x: kernel.run(x, st)}
+    if native.isa() == "avx512":
+        def int8_act(x):
+            with environment({"LOWBIT_GEMV_ACT": "int8"}):
+                return kernel.run(x, st)
+        fns["lowbit int8 act"] = int8_act
+    return fns
 
 
 def main():
@@ -76,9 +85,12 @@ def main():
             us = {name: statistics.median(t) * 1e6 for name, t in times.items()}
             row = {"rows": m, "shape": [n, k], "us": us,
                    "lowbit_vs_bf16": us["bf16 mm"] / us["lowbit"], "lowbit_vs_dequant_mm": us["dequant+mm"] / us["lowbit"]}
+            if "lowbit int8 act" in us:
+                row["int8_act_vs_bf16"] = us["bf16 mm"] / us["lowbit int8 act"]
             res["rows"].append(row)
             print(f"{m:4d} rows {n:5d}x{k:<5d} " + "  ".join(f"{name} {t:9.0f} us" for name, t in us.items())
-                  + f"  lowbit: {row['lowbit_vs_bf16']:.2f}x bf16, {row['lowbit_vs_dequant_mm']:.2f}x dequant+mm",
+                  + f"  lowbit: {row['lowbit_vs_bf16']:.2f}x bf16, {row['lowbit_vs_dequant_mm']:.2f}x dequant+mm"
+                  + (f", int8 act {row['int8_act_vs_bf16']:.2f}x bf16" if "int8_act_vs_bf16" in row else ""),
                   flush=True)
     if a.out:
         with open(a.out, "w") as f:

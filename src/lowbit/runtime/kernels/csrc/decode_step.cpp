@@ -1,4 +1,5 @@
-// One decoded token through every decoder layer of a Llama-family model, in C++.
+// One decoded token through every decoder layer of a Llama-family model, and its final norm
+// and head, in C++.
 //
 // At batch 1 a 4-bit model's matmuls take a few milliseconds per token; the Python decode
 // loop around them issued ~3000 ATen calls per token (norms, rotary, cache writes,
@@ -9,7 +10,8 @@
 // The numerics are decode.py's, rounding for rounding: RMSNorm in fp32, rounded to bf16,
 // then times its bf16 weight; projections with bf16 outputs (+ bf16 bias); rotary,
 // scores, softmax and the weighted sum in fp32 against the fp32 KV cache; SiLU, the gate
-// product and the residual adds each rounded to bf16. Only fp32 summation order differs.
+// product and the residual adds each rounded to bf16. Only fp32 summation order differs (and
+// e^x, by at most one ulp before its bf16 rounding).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

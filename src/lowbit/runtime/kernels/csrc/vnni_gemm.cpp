@@ -151,14 +151,22 @@ void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, cons
                                bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
                                int64_t group_size, at::BFloat16* y) {
   const int64_t B = k / 32, G = k / group_size, n_tiles = (n + TILE - 1) / TILE;
-  std::vector<int8_t> xq(m * k);
-  std::vector<float> xs(m * B), sx(m * G);
-  quantize_x(x, m, k, group_size, false, xq.data(), xs.data(), sx.data());  // column order
-  // rows 64 bytes further apart: 12 rows 2 or 4 KB apart (k = 2048, 4096) fell in one L1 set
+  // x_hat in column order, rows 64 bytes further apart (rows 2 or 4 KB apart, k = 2048 or 4096,
+  // fell in one L1 set), rounded on every thread (on one, it outlasted the GEMM of 192 weight
+  // rows); in the caller's reused buffers (fresh ones cost page faults), which the workers see
+  // through the pointers below, not by name (a thread_local name is each thread's own)
   const int64_t ld = k + 64;
-  std::vector<int8_t> xp(m * ld);
-  for (int64_t i = 0; i < m; ++i) std::copy(xq.data() + i * k, xq.data() + (i + 1) * k, xp.data() + i * ld);
-  const auto* x4 = reinterpret_cast<const int32_t*>(xp.data());
+  thread_local std::vector<int8_t> xbuf;
+  thread_local std::vector<float> sbuf;
+  xbuf.resize(m * ld);
+  sbuf.resize(m * (B + G));
+  int8_t* xp = xbuf.data();
+  float *xs = sbuf.data(), *sx = xs + m * B;
+  at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      quantize_x(x + i * k, 1, k, group_size, false, xp + i * ld, xs + i * B, sx + i * G);
+  });
+  const auto* x4 = reinterpret_cast<const int32_t*>(xp);
   at::parallel_for(0, (n + NR - 1) / NR, 1, [&](int64_t p0, int64_t p1) {
     thread_local Panel pan;  // reused: NR * k bytes of codes
     pan.codes.resize(k / 4 * NR);
@@ -171,8 +179,7 @@ void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, cons
                                            pi * (NR / TILE), pan);
         for (int64_t i0 = 0; i0 < m; i0 += MR)
           micro_rows(static_cast<int>(std::min<int64_t>(MR, m - i0)), std::make_integer_sequence<int, MR>{},
-                     x4 + i0 * ld / 4, ld / 4, xs.data() + i0 * B, sx.data() + i0 * G, &pan, k, group_size,
-                     y + i0 * n, n,
+                     x4 + i0 * ld / 4, ld / 4, xs + i0 * B, sx + i0 * G, &pan, k, group_size, y + i0 * n, n,
                      pi * NR);
       }
     });
