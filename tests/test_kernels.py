@@ -110,14 +110,7 @@ def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * (amax / 127.0).float()).reshape(x.shape)
 
 
-@pytest.mark.skipif(not NATIVE or not native.runs("avx512"), reason="the int8-activation GEMV is in the avx512 build "
-                    "(AVX512-VNNI); this CPU does not run it")
-@pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (1536, 576)), ("int4-g128", (64, 512)),
-                                        ("int4-g32-asym", (576, 1536)), ("int4-channel", (6, 576)),
-                                        ("int4-g96", (36, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
-                                        ("q4_0", (40, 576)), ("q4_1", (40, 576)), ("int8-channel", (192, 576)),
-                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096))])
-def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
+def _check_int8_activations(name, shape, rows, monkeypatch):
     # integer products are exact, so all that may differ from dequant(W) @ x_hat is fp32 summation
     # and the one bf16 rounding of the output; x_hat is at most amax/254 from x per element
     monkeypatch.setattr(native, "isa", lambda: "avx512")
@@ -127,7 +120,7 @@ def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, mo
     assert kernel.name == ("lowbit-int8" if name.startswith("int8") else "lowbit-int4")
     st = kernel.prepare(qt, torch.bfloat16)
     w = qt.dequantize().double()
-    for m in (1, 2, 3):
+    for m in rows:
         x = torch.randn(m, shape[1])
         x[:, 7] *= 40  # an outlier channel: its block alone loses precision
         x = x.bfloat16()
@@ -142,33 +135,28 @@ def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, mo
         assert not torch.equal(y, y16)  # the switch reached the kernel
 
 
-@pytest.mark.skipif(not NATIVE or not native.runs("avx512"), reason="the int8-activation prefill is in the avx512 build "
-                    "(AVX512-VNNI); this CPU does not run it")
+AVX512_ONLY = pytest.mark.skipif(not NATIVE or not native.runs("avx512"), reason="int8 activations are in the avx512 "
+                                 "build (AVX512-VNNI); this CPU does not run it")
+
+
+@AVX512_ONLY
+@pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (1536, 576)), ("int4-g128", (64, 512)),
+                                        ("int4-g32-asym", (576, 1536)), ("int4-channel", (6, 576)),
+                                        ("int4-g96", (36, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
+                                        ("q4_0", (40, 576)), ("q4_1", (40, 576)), ("int8-channel", (192, 576)),
+                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096))])
+def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
+    _check_int8_activations(name, shape, (1, 2, 3), monkeypatch)
+
+
+@AVX512_ONLY
 @pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (100, 1536)), ("q4_0", (40, 576)),
                                         ("q4_1", (40, 576)), ("int4-g128", (64, 512)), ("int4-channel", (6, 576)),
                                         ("int4-g96", (37, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512))])
 def test_int8_activation_prefill_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
-    # many rows on int8 activations (vnni_gemm.cpp): 16-row weight panels with a short last one,
-    # 12-row activation blocks and their tails, every zero-term mode, groups of 32 to a whole row
-    monkeypatch.setattr(native, "isa", lambda: "avx512")
-    torch.manual_seed(0)
-    qt = quantize_tensor(torch.randn(shape) * 0.05, name)
-    kernel = select(qt, torch.bfloat16, torch.device("cpu"))
-    st = kernel.prepare(qt, torch.bfloat16)
-    w = qt.dequantize().double()
-    for m in (17, 40, 129):
-        x = torch.randn(m, shape[1])
-        x[:, 7] *= 40
-        x = x.bfloat16()
-        monkeypatch.setenv("LOWBIT_GEMV_ACT", "int8")
-        y = kernel.run(x, st).double()
-        monkeypatch.setenv("LOWBIT_GEMV_ACT", "bf16")
-        y16 = kernel.run(x, st).double()
-        xh = round_activations_int8(x).double()
-        ref = xh @ w.t()
-        bound = 2 ** -8 * ref.abs() + 1e-5 * (xh.abs() @ w.abs().t()) + 1e-6
-        assert ((y - ref).abs() <= bound).all(), (name, m, float((y - ref).abs().max()))
-        assert not torch.equal(y, y16)  # the switch reached the prefill
+    # many rows (vnni_gemm.cpp): 32-row weight panels with a short last one (and a last half
+    # past n), 6-row activation blocks and their tails, every zero-term mode, groups of 32 to a row
+    _check_int8_activations(name, shape, (17, 40, 129), monkeypatch)
 
 
 def test_a_build_without_int8_activations_refuses_them(native_isa):
