@@ -154,9 +154,10 @@ GEMV_ACTS = ("bf16", "int8")
 def gemv_act_int8() -> bool:
     """Whether lowbit's int4 and int8 GEMVs (up to GEMV_MAX_ROWS activation rows, so decode)
     and its 4-bit prefill GEMM round their activations to int8 in blocks of 32 first:
-    `LOWBIT_GEMV_ACT=int8`, and the avx512 build runs. llama.cpp does this for every quantized type; lowbit keeps bf16
-    activations unless asked, because it changes the numbers (benchmarks/isa.py measures the
-    KL it adds and the speed it buys). Read at each call, so a benchmark can switch."""
+    `LOWBIT_GEMV_ACT=int8`, and the avx512 build runs. llama.cpp does this for every
+    quantized type; lowbit keeps bf16 activations unless asked, because it changes the
+    numbers (benchmarks/isa.py measures the KL it adds and the speed it buys). Read at each
+    call, so a benchmark can switch."""
     act = os.environ.get("LOWBIT_GEMV_ACT", "bf16")
     if act not in GEMV_ACTS:
         raise ValueError(f"LOWBIT_GEMV_ACT={act!r}: expected one of {', '.join(GEMV_ACTS)}")

@@ -2,7 +2,9 @@
 // many rows, x_hat being x rounded to int8 in blocks of 32 columns as the int8-activation GEMVs
 // round it (llama.cpp's numerics). vpdpbusd (AVX512-VNNI) takes 64 byte products per
 // instruction where vdpbf16ps takes 32 bf16 ones, and the bf16 GEMM (bf16_gemm.cpp) runs near
-// that peak, so on int8 activations a 4-bit weight's prefill can pass a bf16 weight's.
+// that peak, so on int8 activations a 4-bit weight's prefill can pass a bf16 weight's: 1.1-1.5x
+// PyTorch's bf16 GEMM at 32-512 rows on the Zen 4 host (benchmarks/prefill.py), short of the 2x
+// the instruction counts promise.
 //
 // The codes of 32 weight rows are unpacked into a panel: for each 4 consecutive columns, two
 // registers of 16 rows x 4 unsigned bytes, which vpdpbusd multiplies with the 4 int8 activations
