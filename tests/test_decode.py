@@ -151,6 +151,9 @@ def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monk
     ulp = b.abs().max().item() / 128  # one bf16 rounding step at the largest logit
     torch.testing.assert_close(fast.k_cache, loop.k_cache, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a, b, atol=ulp, rtol=0)
+    fast.reset()  # greedy picks (generate's path): the step's argmax of those same logits
+    picks = torch.cat([fast.next_token(i) for i in ids[0, :, None]]).view(-1)
+    assert torch.equal(picks, a.argmax(-1))
     if gemv_act == "int8":  # the step took the setting: its logits differ from bf16 activations'
         monkeypatch.setenv("LOWBIT_GEMV_ACT", "bf16")
         exact = Decoder(model, 24)
@@ -163,13 +166,12 @@ def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monk
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 49152])
-def test_native_argmax_is_torch_argmax(n):
-    """The decode step's greedy pick (decode_step.cpp: integer keys, blocks of 64) against
-    torch.argmax: random logits, ties (the first wins), -0 beside +0, all -inf, NaN (largest)."""
+def test_native_argmax_is_torch_argmax(n, native_isa):
+    """The decode step's greedy pick (decode_step.cpp: integer keys, blocks of 64), in each
+    build, against torch.argmax: random logits, ties (the first wins), -0 beside +0, all -inf,
+    NaN (largest)."""
     from lowbit.runtime.kernels import native
 
-    if not native.available():
-        pytest.skip("lowbit's native kernels are not built on this CPU")
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g).bfloat16()
     cases = [x, x.round(), torch.zeros(n).bfloat16(), torch.full((n,), float("-inf")).bfloat16(), -x.abs()]
