@@ -152,10 +152,12 @@ def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, mo
 @AVX512_ONLY
 @pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (100, 1536)), ("q4_0", (40, 576)),
                                         ("q4_1", (40, 576)), ("int4-g128", (64, 512)), ("int4-channel", (6, 576)),
-                                        ("int4-g96", (37, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512))])
+                                        ("int4-g96", (37, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
+                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096))])
 def test_int8_activation_prefill_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
     # many rows (vnni_gemm.cpp): 32-row weight panels with a short last one (and a last half
-    # past n), 6-row activation blocks and their tails, every zero-term mode, groups of 32 to a row
+    # past n), 6-row activation blocks and their tails, every zero-term mode, groups of 32 to a
+    # row; int8 weights as unsigned codes with a zero point of 128
     _check_int8_activations(name, shape, (17, 40, 129), monkeypatch)
 
 

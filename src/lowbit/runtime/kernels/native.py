@@ -153,7 +153,7 @@ GEMV_ACTS = ("bf16", "int8")
 
 def gemv_act_int8() -> bool:
     """Whether lowbit's int4 and int8 GEMVs (up to GEMV_MAX_ROWS activation rows, so decode)
-    and its 4-bit prefill GEMM round their activations to int8 in blocks of 32 first:
+    and its prefill GEMMs round their activations to int8 in blocks of 32 first:
     `LOWBIT_GEMV_ACT=int8`, and the avx512 build runs. llama.cpp does this for every
     quantized type; lowbit keeps bf16 activations unless asked, because it changes the
     numbers (benchmarks/isa.py measures the KL it adds and the speed it buys). Read at each
@@ -321,6 +321,8 @@ def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
             y = torch._weight_int8pack_mm(x2, st["w"], st["scale_act"])
         else:
             y = module().int8_mm(x2, st["w"], st["scale"], gemv_act_int8())
+    elif isa() == "avx512" and gemv_act_int8():
+        y = module().int8_mm_prefill_a8(x2, st["w"], st["scale"])
     elif isa() == "avx512":
         y = module().int8_mm_prefill(x2, st["w"], st["scale"], amx())
     else:  # the fp32 kernel converts every code once per row: 10x a bf16 GEMM at 128 rows (the head)

@@ -44,6 +44,8 @@ void int8_dequant_rows(const int8_t* w, const float* scale, int64_t k, int64_t r
 void int4_gemm_a8_many(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
                        bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
                        int64_t group_size, c10::BFloat16* y);
+void int8_gemm_a8_many(const c10::BFloat16* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n,
+                       c10::BFloat16* y);
 
 namespace detail {
 // x [m, k] rounded to int8 in blocks of 32 columns (avx512.cpp): codes xq (in the int4 GEMV's

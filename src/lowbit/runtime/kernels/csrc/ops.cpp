@@ -145,7 +145,8 @@ torch::Tensor int4_mm_prefill(torch::Tensor x, torch::Tensor codes, torch::Tenso
   return prefill_mm(x, n, amx, [&](int64_t r0, int64_t r1, at::BFloat16* out) { w.dequant(r0, r1, out); });
 }
 
-// The same on activations rounded to int8 in blocks of 32 (vnni_gemm.cpp), as int4_mm's act_int8.
+// The same on activations rounded to int8 in blocks of 32 (vnni_gemm.cpp), as int4_mm's act_int8
+// (and int8_mm_prefill_a8 below for int8 weights).
 torch::Tensor int4_mm_prefill_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t n,
                                  int64_t group_size, int64_t zero_mode, double zero_const) {
   check_x(x);
@@ -153,6 +154,15 @@ torch::Tensor int4_mm_prefill_a8(torch::Tensor x, torch::Tensor codes, torch::Te
   auto y = torch::empty({x.size(0), n}, x.options());
   lowbit::int4_gemm_a8_many(x.data_ptr<at::BFloat16>(), x.size(0), w.k, w.codes, w.scale, w.half, w.zero, w.zero_mode,
                             w.zconst, n, w.group, y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+torch::Tensor int8_mm_prefill_a8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  check_x(x);
+  check_int8(x.size(1), w, scale);
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  lowbit::int8_gemm_a8_many(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), w.data_ptr<int8_t>(),
+                            scale.data_ptr<float>(), w.size(0), y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -179,6 +189,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_ready", &lowbit::amx_ready, "whether this CPU and kernel let the process use AMX tiles");
   m.def("int4_mm_prefill", &int4_mm_prefill, "4-bit weight-only matmul for many rows (AMX tiles or AVX512-BF16)");
   m.def("int4_mm_prefill_a8", &int4_mm_prefill_a8, "4-bit weight-only matmul for many rows on int8 activations (VNNI)");
+  m.def("int8_mm_prefill_a8", &int8_mm_prefill_a8, "int8 per-channel weight-only matmul for many rows on int8 activations (VNNI)");
   m.def("int8_mm_prefill", &int8_mm_prefill, "int8 per-channel weight-only matmul for many rows (AMX tiles or AVX512-BF16)");
 #endif
   lowbit_register_decode(m);

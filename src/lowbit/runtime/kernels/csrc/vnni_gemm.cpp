@@ -6,6 +6,8 @@
 // PyTorch's bf16 GEMM at 32-512 rows on the Zen 4 host (benchmarks/prefill.py), short of the 2x
 // the instruction counts promise.
 //
+// int8 weights take the same path as unsigned codes w + 128 with a zero point of 128.
+//
 // The codes of 32 weight rows are unpacked into a panel: for each 4 consecutive columns, two
 // registers of 16 rows x 4 unsigned bytes, which vpdpbusd multiplies with the 4 int8 activations
 // of those columns broadcast to every lane. Per block of 32 columns the int32 sums are scaled
@@ -97,6 +99,27 @@ void build_panel(const uint8_t* codes, const S* scale, const void* zp, float zco
     }
 }
 
+// int8 weight rows r0 .. r0 + NR - 1 (rows past n are zero) into p, as unsigned codes w + 128
+// with a constant zero point of 128 (w = scale * (u - 128)): the int4 panels' arithmetic.
+void build_panel_int8(const int8_t* w, const float* scale, int64_t k, int64_t n, int64_t r0, Panel& p) {
+  const __m512i flip = _mm512_set1_epi8(-128);
+  for (int h = 0; h < H; ++h)
+    for (int64_t c = 0; c < k / 64; ++c) {
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) {
+        const int64_t row = r0 + 16 * h + r;
+        v[r] = row < n ? _mm512_xor_si512(_mm512_loadu_si512(w + row * k + 64 * c), flip) : _mm512_setzero_si512();
+      }
+      transpose16(v);  // v[d]: columns 64 c + 4 d .. + 3 of every row
+      for (int d = 0; d < 16; ++d) _mm512_storeu_si512(p.codes.data() + (16 * c + d) * NR + 16 * h, v[d]);
+    }
+  for (int r = 0; r < NR; ++r) {
+    const float s = r0 + r < n ? scale[r0 + r] : 0.f;
+    for (int64_t b = 0; b < k / 32; ++b) p.scale[b * NR + r] = s;
+    p.zero[r] = -128.f * s;  // one group: the whole row
+  }
+}
+
 // R activation rows (x4: x_hat's int8 codes as 4-column dwords, row stride ld4; xs its block
 // scales, sx its group sums) against one panel: y[i, r0 .. r0 + 16) as bf16 (columns past n left
 // alone).
@@ -147,12 +170,13 @@ void micro_rows(int rows, std::integer_sequence<int, R...>, A... args) {
   ((rows == R + 1 ? micro<R + 1>(args...) : void()), ...);
 }
 
-}  // namespace
 
-void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
-                               bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
-                               int64_t group_size, at::BFloat16* y) {
-  const int64_t B = k / 32, G = k / group_size, n_tiles = (n + TILE - 1) / TILE;
+// y = dequant(W) @ x_hat: x rounded once, then per panel of NR weight rows (build(first row,
+// panel) fills it) the microkernel over every MR activation rows. g: the group size of W's
+// scales and zero points.
+template <typename Build>
+void gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, int64_t n, at::BFloat16* y, Build&& build) {
+  const int64_t B = k / 32, G = k / g;
   // x_hat in column order, rows 64 bytes further apart (rows 2 or 4 KB apart, k = 2048 or 4096,
   // fell in one L1 set), rounded on every thread (on one, it outlasted the GEMM of 192 weight
   // rows); in the caller's reused buffers (fresh ones cost page faults), which the workers see
@@ -165,8 +189,7 @@ void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, cons
   int8_t* xp = xbuf.data();
   float *xs = sbuf.data(), *sx = xs + m * B;
   at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      quantize_x(x + i * k, 1, k, group_size, false, xp + i * ld, xs + i * B, sx + i * G);
+    for (int64_t i = i0; i < i1; ++i) quantize_x(x + i * k, 1, k, g, false, xp + i * ld, xs + i * B, sx + i * G);
   });
   const auto* x4 = reinterpret_cast<const int32_t*>(xp);
   at::parallel_for(0, (n + NR - 1) / NR, 1, [&](int64_t p0, int64_t p1) {
@@ -174,16 +197,31 @@ void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, cons
     pan.codes.resize(k / 4 * NR);
     pan.scale.resize(B * NR);
     pan.zero.resize(G * NR);
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      build(pi * NR, pan);
+      for (int64_t i0 = 0; i0 < m; i0 += MR)
+        micro_rows(static_cast<int>(std::min<int64_t>(MR, m - i0)), std::make_integer_sequence<int, MR>{},
+                   x4 + i0 * ld / 4, ld / 4, xs + i0 * B, sx + i0 * G, &pan, k, g, y + i0 * n, n, pi * NR);
+    }
+  });
+}
+
+}  // namespace
+
+void lowbit::int4_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
+                               bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
+                               int64_t group_size, at::BFloat16* y) {
+  const int64_t n_tiles = (n + TILE - 1) / TILE;
+  gemm_a8(x, m, k, group_size, n, y, [&](int64_t r0, Panel& pan) {
     dispatch(half_scale, zero_mode, [&](auto s, auto z) {
       using S = decltype(s);
-      for (int64_t pi = p0; pi < p1; ++pi) {
-        build_panel<S, decltype(z)::value>(codes, static_cast<const S*>(scale), zero, zconst, k, group_size, n_tiles,
-                                           pi * (NR / TILE), pan);
-        for (int64_t i0 = 0; i0 < m; i0 += MR)
-          micro_rows(static_cast<int>(std::min<int64_t>(MR, m - i0)), std::make_integer_sequence<int, MR>{},
-                     x4 + i0 * ld / 4, ld / 4, xs + i0 * B, sx + i0 * G, &pan, k, group_size, y + i0 * n, n,
-                     pi * NR);
-      }
+      build_panel<S, decltype(z)::value>(codes, static_cast<const S*>(scale), zero, zconst, k, group_size, n_tiles,
+                                         r0 / TILE, pan);
     });
   });
+}
+
+void lowbit::int8_gemm_a8_many(const at::BFloat16* x, int64_t m, int64_t k, const int8_t* w, const float* scale,
+                               int64_t n, at::BFloat16* y) {
+  gemm_a8(x, m, k, k, n, y, [&](int64_t r0, Panel& pan) { build_panel_int8(w, scale, k, n, r0, pan); });
 }
