@@ -35,9 +35,9 @@ constexpr int NR = 16 * H;  // weight rows per panel
 constexpr int MR = 6;
 
 struct Panel {
-  std::vector<int32_t> codes;     // [k / 4][NR]: 4 columns' codes of each row
-  std::vector<float> scale;        // [k / 32][NR]: each block's scale per row (its group's)
-  std::vector<float> zero;         // [G][NR]: each group's zero term per row
+  std::vector<int32_t> codes;  // [k / 4][NR]: 4 columns' codes of each row
+  std::vector<float> scale;     // [k / 32][NR]: each block's scale per row (its group's)
+  std::vector<float> zero;      // [G][NR]: each group's zero term per row
 };
 
 // Weight rows 4 t0 .. 4 t0 + NR - 1 (whole tiles; rows past the last tile are zero) into p.
@@ -121,7 +121,7 @@ void build_panel_int8(const int8_t* w, const float* scale, int64_t k, int64_t n,
 }
 
 // R activation rows (x4: x_hat's int8 codes as 4-column dwords, row stride ld4; xs its block
-// scales, sx its group sums) against one panel: y[i, r0 .. r0 + 16) as bf16 (columns past n left
+// scales, sx its group sums) against one panel: y[i, r0 .. r0 + NR) as bf16 (columns past n left
 // alone).
 template <int R>
 void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, const Panel* p, int64_t k, int64_t g,
