@@ -255,7 +255,7 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     n, k = st["n"], x2.shape[1]
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = module().int4_mm(x2, *args, n, st["group"], st["mode"], st["zconst"], gemv_act_int8())
-    elif isa() == "avx512" and gemv_act_int8():
+    elif gemv_act_int8():  # (only ever true in the avx512 build)
         y = module().int4_mm_prefill_a8(x2, *args, n, st["group"], st["mode"], st["zconst"])
     elif isa() == "avx512":
         y = module().int4_mm_prefill(x2, *args, n, st["group"], st["mode"], st["zconst"], amx())
@@ -321,7 +321,7 @@ def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
             y = torch._weight_int8pack_mm(x2, st["w"], st["scale_act"])
         else:
             y = module().int8_mm(x2, st["w"], st["scale"], gemv_act_int8())
-    elif isa() == "avx512" and gemv_act_int8():
+    elif gemv_act_int8():
         y = module().int8_mm_prefill_a8(x2, st["w"], st["scale"])
     elif isa() == "avx512":
         y = module().int8_mm_prefill(x2, st["w"], st["scale"], amx())

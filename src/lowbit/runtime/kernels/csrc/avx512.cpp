@@ -338,7 +338,7 @@ void int4_tiles_a8(int64_t m, const uint8_t* codes, const S* scale, const void* 
                    const float* xs, const float* sx, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t t0,
                    int64_t t1) {
   const int64_t G = k / g, B = k / 32;
-  std::vector<float> sbuf(TILE * G), sblk(TILE * MAX_M * B);
+  std::vector<float> sbuf(g == 32 ? 0 : TILE * G), sblk(TILE * MAX_M * B);  // groups of 32: no sbuf (the prologue)
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tile = codes + t * TILE * (k / 2);
     for (int64_t i0 = 0; i0 < m; i0 += MAX_M) {

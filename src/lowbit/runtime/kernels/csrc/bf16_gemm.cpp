@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "common.h"
 #include "lowbit_cpu.h"
 #include "transpose16.h"
 
@@ -21,6 +22,7 @@
 namespace {
 
 using lowbit::detail::transpose16;
+using lowbit::detail::with_count;
 
 constexpr int64_t NR = 32;  // weight rows per block: two registers of 16 pairs
 constexpr int MR = 12;      // activation rows per microkernel: 24 accumulators, 2 weight registers, 1 broadcast
@@ -66,11 +68,6 @@ void micro(const at::BFloat16* x, int64_t ld, int64_t kc, const at::BFloat16* wp
     _mm512_mask_storeu_epi16(y + i * n + n0, keep, (__m512i)_mm512_cvtne2ps_pbh(acc[i][1], acc[i][0]));
 }
 
-template <int... R, typename... A>
-void micro_rows(int rows, std::integer_sequence<int, R...>, A... args) {
-  ((rows == R + 1 ? micro<R + 1>(args...) : void()), ...);
-}
-
 }  // namespace
 
 void lowbit::bf16_gemm(const at::BFloat16* x, int64_t m, int64_t k, int64_t n, const Dequant& dequant,
@@ -102,9 +99,10 @@ void lowbit::bf16_gemm(const at::BFloat16* x, int64_t m, int64_t k, int64_t n, c
       for (int64_t k0 = 0; k0 < k; k0 += kc) {
         const int64_t len = std::min(kc, k - k0);
         for (int64_t i0 = 0; i0 < m; i0 += MR)
-          micro_rows(static_cast<int>(std::min<int64_t>(MR, m - i0)), std::make_integer_sequence<int, MR>{},
-                     xs + i0 * ld + k0, ld, len, wp.data() + k0 * NR, c.data() + i0 * NR, k0 == 0, k0 + len == k,
-                     y + i0 * n, n, r0);
+          with_count<MR>(static_cast<int>(std::min<int64_t>(MR, m - i0)), [&](auto rows) {
+            micro<decltype(rows)::value>(xs + i0 * ld + k0, ld, len, wp.data() + k0 * NR, c.data() + i0 * NR,
+                                         k0 == 0, k0 + len == k, y + i0 * n, n, r0);
+          });
       }
     }
   });

@@ -34,6 +34,17 @@ inline void group_sums(const c10::BFloat16* x, int64_t m, int64_t k, int64_t g, 
     }
 }
 
+// Calls f(std::integral_constant<int, count>{}) for a run-time count in 1..N: a microkernel
+// templated on how many rows (or registers) it holds, for the full blocks and the tail.
+template <typename F, int... C>
+void with_count_of(int count, F& f, std::integer_sequence<int, C...>) {
+  ((count == C + 1 ? f(std::integral_constant<int, C + 1>{}) : void()), ...);
+}
+template <int N, typename F>
+void with_count(int count, F&& f) {
+  with_count_of(count, f, std::make_integer_sequence<int, N>{});
+}
+
 // Calls f(S{}, std::integral_constant<int, ZMODE>{}) for the stored scale type (fp16 / fp32)
 // and zero-point mode: the one place the kernels' template arguments are chosen at run time.
 template <typename F>

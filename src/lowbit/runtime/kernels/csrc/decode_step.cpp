@@ -224,7 +224,9 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   // 2^n as two factors: n reaches 128 at the top of the range, one past a float's exponent
   const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-  auto pow2 = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
+  auto pow2 = [](__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
   __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, pow2(n1)), pow2(n2));
   y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
@@ -266,18 +268,12 @@ void weighted_cols(const float* w, const float* V, int64_t rows, int64_t d, int6
   for (int j = 0; j < NB; ++j) store8(out + c0 + 8 * j, acc[j]);
 }
 
-template <int... NB>
-void weighted_cols_n(int nb, std::integer_sequence<int, NB...>, const float* w, const float* V, int64_t rows,
-                     int64_t d, int64_t c0, bf16* out) {
-  ((nb == NB + 1 ? weighted_cols<NB + 1>(w, V, rows, d, c0, out) : void()), ...);
-}
-
 // out = bf16(w @ V) for V fp32 [rows, d]: 64 columns at a time, then what is left
 void weighted_sum(const float* w, const float* V, int64_t rows, int64_t d, bf16* out) {
   int64_t c0 = 0;
   for (; c0 + 8 <= d; c0 += 64)
-    weighted_cols_n(static_cast<int>(std::min<int64_t>(8, (d - c0) / 8)), std::make_integer_sequence<int, 8>{}, w, V,
-                    rows, d, c0, out);
+    lowbit::detail::with_count<8>(static_cast<int>(std::min<int64_t>(8, (d - c0) / 8)),
+                                  [&](auto nb) { weighted_cols<decltype(nb)::value>(w, V, rows, d, c0, out); });
   for (c0 = d / 8 * 8; c0 < d; ++c0) {
     float a = 0.f;
     for (int64_t p = 0; p < rows; ++p) a += w[p] * V[p * d + c0];

@@ -124,7 +124,7 @@ void build_panel_int8(const int8_t* w, const float* scale, int64_t k, int64_t n,
 // scales, sx its group sums) against one panel: y[i, r0 .. r0 + NR) as bf16 (columns past n left
 // alone).
 template <int R>
-void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, const Panel* p, int64_t k, int64_t g,
+void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, const Panel& p, int64_t k, int64_t g,
            at::BFloat16* y, int64_t n, int64_t r0) {
   const int64_t B = k / 32, G = k / g;
   __m512 acc[R][H];
@@ -132,7 +132,7 @@ void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, con
     for (int h = 0; h < H; ++h) acc[i][h] = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
     __m512i s[R][H];
-    const int32_t* w = p->codes.data() + b * 8 * NR;
+    const int32_t* w = p.codes.data() + b * 8 * NR;
     for (int i = 0; i < R; ++i)
       for (int h = 0; h < H; ++h) s[i][h] = _mm512_setzero_si512();
 #pragma GCC unroll 8
@@ -145,7 +145,7 @@ void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, con
       }
     }
     for (int h = 0; h < H; ++h) {
-      const __m512 sw = _mm512_loadu_ps(p->scale.data() + b * NR + 16 * h);
+      const __m512 sw = _mm512_loadu_ps(p.scale.data() + b * NR + 16 * h);
       for (int i = 0; i < R; ++i)
         acc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][h]), _mm512_mul_ps(sw, _mm512_set1_ps(xs[i * B + b])),
                                     acc[i][h]);
@@ -153,7 +153,7 @@ void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, con
   }
   for (int64_t j = 0; j < G; ++j)
     for (int h = 0; h < H; ++h) {
-      const __m512 z = _mm512_loadu_ps(p->zero.data() + j * NR + 16 * h);
+      const __m512 z = _mm512_loadu_ps(p.zero.data() + j * NR + 16 * h);
       for (int i = 0; i < R; ++i) acc[i][h] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx[i * G + j]), acc[i][h]);
     }
   for (int h = 0; h < H; ++h) {
@@ -162,12 +162,6 @@ void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, con
     const __mmask16 keep = n - c0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c0)) - 1);
     for (int i = 0; i < R; ++i) _mm256_mask_storeu_epi16(y + i * n + c0, keep, (__m256i)_mm512_cvtneps_pbh(acc[i][h]));
   }
-}
-
-// (arguments by value: the panel goes by pointer)
-template <int... R, typename... A>
-void micro_rows(int rows, std::integer_sequence<int, R...>, A... args) {
-  ((rows == R + 1 ? micro<R + 1>(args...) : void()), ...);
 }
 
 
@@ -200,8 +194,10 @@ void gemm_a8(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, int64_t n, 
     for (int64_t pi = p0; pi < p1; ++pi) {
       build(pi * NR, pan);
       for (int64_t i0 = 0; i0 < m; i0 += MR)
-        micro_rows(static_cast<int>(std::min<int64_t>(MR, m - i0)), std::make_integer_sequence<int, MR>{},
-                   x4 + i0 * ld / 4, ld / 4, xs + i0 * B, sx + i0 * G, &pan, k, g, y + i0 * n, n, pi * NR);
+        with_count<MR>(static_cast<int>(std::min<int64_t>(MR, m - i0)), [&](auto rows) {
+          micro<decltype(rows)::value>(x4 + i0 * ld / 4, ld / 4, xs + i0 * B, sx + i0 * G, pan, k, g, y + i0 * n, n,
+                                       pi * NR);
+        });
     }
   });
 }
