@@ -8,6 +8,7 @@ to the dtype they will be stored in, so what is searched is what is stored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -156,7 +157,9 @@ def choose_qparams(x: torch.Tensor, scheme: Scheme, importance: torch.Tensor | N
     x = as_2d(x.detach()).to(torch.float32)  # a Parameter would record every candidate for autograd
     scale, zero = _group_qparams(x, scheme, importance, hessian)
     if scheme.super_block:
-        scale, zero = superblock_qparams(scale, zero, scheme)
+        weight = importance if importance is not None or hessian is None else torch.diag(hessian.float())
+        weight = None if weight is None else group_view(weight.to(torch.float32).reshape(1, -1), scheme)
+        scale, zero = superblock_qparams(group_view(x, scheme), scale, zero, scheme, weight)
     return scale, zero
 
 
@@ -299,43 +302,115 @@ def mse_search(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Sch
     return refit(xg, scale, zero, err, scheme, importance)
 
 
-def superblock_qparams(scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme):
+def superblock_qparams(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme,
+                       weight: torch.Tensor | None = None):
     """K-quant two-level scales: each super-block's group scales become integers of
     `scale_bits` times one fp16 factor (signed for symmetric grids; unsigned scales and
-    mins -dmin*m for float-zero ones). Returns the exact fp32 products."""
+    mins -dmin*m for float-zero ones). Returns the exact fp32 products.
+
+    The factors start where the group scales themselves are nearest. Then, judged by the
+    (weighted) error of the values `xg` re-rounded on the grid they give: each factor is
+    searched again, each group taking whichever of its two neighbouring integers serves its
+    values better, and finally each group tries its scale and min integers one step either
+    way. A 6-bit integer is a coarse scale: rounded to nearest, it moves a group that held its
+    values exactly (a Q4_1 checkpoint on a 5-bit grid) as far as one that did not."""
     rows, groups = scale.shape
     k = scheme.super_block // scheme.group_size
     pad = -groups % k
 
-    def two_level(v: torch.Tensor, signed: bool, floor: int) -> torch.Tensor:
-        vb = torch.nn.functional.pad(v, (0, pad)).reshape(rows, -1, k)
-        top = (1 << (scheme.scale_bits - 1)) - 1 if signed else (1 << scheme.scale_bits) - 1
-        amax = vb.abs().amax(-1, keepdim=True)
+    def blocks(v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(v, (0, pad)).reshape(rows, -1, k)
 
-        def integers(d):
-            n = torch.round(vb / d).clamp(-top - 1 if signed else 0, top)
-            if floor:  # a scale never rounds to zero (its group would decode to a constant)
-                n = torch.where(n.abs() < floor, torch.where(vb < 0, -1.0, 1.0) * floor, n)
-            return n
-
-        # the factor: the largest scale on the top integer, or a few steps past it, each then refit by
-        # least squares to its integers; per super-block, the one whose products are nearest the scales
-        best, best_err = None, torch.full_like(amax, torch.inf)
-        for steps in SUPER_STEPS:
-            d = _fp16(amax / (top + steps))
-            n = integers(d)
-            d = _fp16((vb * n).sum(-1, keepdim=True) / (n * n).sum(-1, keepdim=True).clamp(min=1e-30))
-            q = d * integers(d)
-            err = (q - vb).pow(2).sum(-1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = q if best is None else torch.where(better, q, best)
-        return best.reshape(rows, -1)[:, :groups]
-
-    scale = two_level(scale, scheme.symmetric, 1)
+    xs = torch.nn.functional.pad(xg, (0, 0, 0, pad), value=torch.nan).reshape(rows, -1, k, xg.shape[-1])
+    w = torch.ones_like(xs) if weight is None else torch.nn.functional.pad(
+        weight.expand_as(xg), (0, 0, 0, pad)).reshape(xs.shape)
+    w = torch.where(torch.isnan(xs), 0.0, w)
+    # (factor [R, S, 1], integers [R, S, k]) of the scales, and of the mins -zero
+    parts = {"scale": _ScaleIntegers(blocks(scale), scheme.scale_bits, scheme.symmetric, 1).fit()}
     if zero is not None:
-        zero = -two_level(-zero, False, 0)
-    return scale, zero
+        parts["min"] = _ScaleIntegers(blocks(-zero), scheme.scale_bits, False, 0).fit()
+
+    def error(p: dict) -> torch.Tensor:  # per group [R, S, k]
+        s = p["scale"].products.unsqueeze(-1)
+        z = None if "min" not in p else -p["min"].products.unsqueeze(-1)
+        return (w * (fake_quant(xs, s, z, scheme) - xs).pow(2)).nansum(-1)
+
+    def keep(better: torch.Tensor, cand: dict, err_new: torch.Tensor):
+        for key in parts:
+            parts[key] = parts[key].where(better, cand[key])
+        return torch.where(better, err_new, err)
+
+    err = error(parts)
+    for key in ("scale", "min", "scale")[:3 if zero is not None else 1]:
+        vmax = parts[key].v.abs().amax(-1, keepdim=True)
+        for steps in SUPER_STEPS:
+            d = _fp16(vmax / (parts[key].top + steps))
+            lo, hi = (parts[key].refactor(d, rnd) for rnd in (torch.floor, torch.ceil))
+            e_lo, e_hi = error({**parts, key: lo}), error({**parts, key: hi})
+            up = e_hi < e_lo  # per group: the better neighbour
+            e = torch.where(up, e_hi, e_lo)
+            better = (e.sum(-1, keepdim=True) < err.sum(-1, keepdim=True)).expand_as(e)  # per super-block
+            err = keep(better, {**parts, key: lo.where(up, hi)}, e)
+    steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if zero is not None else (0,)) if a or b]
+    for a, b in steps:
+        cand = {"scale": parts["scale"].step(a)}
+        if zero is not None:
+            cand["min"] = parts["min"].step(b)
+        ok = cand["scale"].valid() & (cand["min"].valid() if zero is not None else True)
+        e = torch.where(ok, error(cand), torch.inf)
+        err = keep(e < err, cand, e)
+    s = parts["scale"].products.reshape(rows, -1)[:, :groups]
+    return s, None if zero is None else -parts["min"].products.reshape(rows, -1)[:, :groups]
+
+
+@dataclass(frozen=True)
+class _ScaleIntegers:
+    """A super-block's sub-block scales (or mins) `v` [R, S, k] as integers `n` [R, S, k] of
+    `bits` times one fp16 factor `d` [R, S, 1]."""
+    v: torch.Tensor
+    bits: int
+    signed: bool
+    floor: int  # 1 for scales: a scale never rounds to zero (its group would decode to a constant)
+    d: torch.Tensor | None = None
+    n: torch.Tensor | None = None
+
+    @property
+    def top(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def products(self) -> torch.Tensor:
+        return self.d * self.n
+
+    def refactor(self, d: torch.Tensor, rnd=torch.round) -> _ScaleIntegers:
+        n = rnd(self.v / d).clamp(-self.top - 1 if self.signed else 0, self.top)
+        if self.floor:
+            n = torch.where(n.abs() < self.floor, torch.where(self.v < 0, -1.0, 1.0) * self.floor, n)
+        return replace(self, d=d, n=n)
+
+    def step(self, a: int) -> _ScaleIntegers:
+        return replace(self, n=self.n + a)
+
+    def valid(self) -> torch.Tensor:
+        return (self.n >= (-self.top - 1 if self.signed else 0)) & (self.n <= self.top) & (self.n.abs() >= self.floor)
+
+    def where(self, cond: torch.Tensor, other: _ScaleIntegers) -> _ScaleIntegers:
+        """`other` where cond [R, S, k]; a condition that differs within a super-block only ever
+        picks between integers of the same factor."""
+        return replace(self, d=torch.where(cond[..., :1], other.d, self.d), n=torch.where(cond, other.n, self.n))
+
+    def fit(self) -> _ScaleIntegers:
+        """Per super-block, the factor whose products d * round(v / d) are nearest v: the
+        largest value on the top integer, or a few steps past it, each then refit by least
+        squares to its integers."""
+        vmax = self.v.abs().amax(-1, keepdim=True)
+        best, best_err = None, None
+        for steps in SUPER_STEPS:
+            c = self.refactor(_fp16(vmax / (self.top + steps)))
+            c = c.refactor(_fp16((self.v * c.n).sum(-1, keepdim=True) / (c.n * c.n).sum(-1, keepdim=True).clamp(min=1e-30)))
+            err = (c.products - self.v).pow(2).sum(-1, keepdim=True).expand_as(c.n)
+            best, best_err = (c, err) if best is None else (best.where(err < best_err, c), torch.minimum(err, best_err))
+        return best
 
 
 # the super-block factors tried: the largest sub-block scale on the top integer and on a few
