@@ -309,10 +309,10 @@ def superblock_qparams(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     mins -dmin*m for float-zero ones). Returns the exact fp32 products.
 
     The factors start where the group scales themselves are nearest. Then, judged by the
-    (weighted) error of the values `xg` re-rounded on the grid they give: each factor is
-    searched again, each group taking whichever of its two neighbouring integers serves its
-    values better, and finally each group tries its scale and min integers one step either
-    way. A 6-bit integer is a coarse scale: rounded to nearest, it moves a group that held its
+    (weighted) error of the values `xg` re-rounded on the grid they give: each factor (the
+    scales', then the mins') is searched again, each group taking whichever of its two
+    neighbouring integers serves its values better, and finally each group tries its scale
+    and min integers one step either way. A 6-bit integer is a coarse scale: rounded to nearest, it moves a group that held its
     values exactly (a Q4_1 checkpoint on a 5-bit grid) as far as one that did not."""
     rows, groups = scale.shape
     k = scheme.super_block // scheme.group_size
@@ -341,9 +341,9 @@ def superblock_qparams(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         return torch.where(better, err_new, err)
 
     err = error(parts)
-    for key in ("scale", "min", "scale")[:3 if zero is not None else 1]:
+    for key in parts:  # a second round of scales, or all 13 steps, lowered the error < 1% for 2x the time
         vmax = parts[key].v.abs().amax(-1, keepdim=True)
-        for steps in SUPER_STEPS:
+        for steps in SUPER_STEPS[::2]:
             d = _fp16(vmax / (parts[key].top + steps))
             lo, hi = (parts[key].refactor(d, rnd) for rnd in (torch.floor, torch.ceil))
             e_lo, e_hi = error({**parts, key: lo}), error({**parts, key: hi})
