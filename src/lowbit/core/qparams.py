@@ -379,11 +379,15 @@ class _ScaleIntegers:
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
 
     @property
+    def bottom(self) -> int:
+        return -self.top - 1 if self.signed else 0
+
+    @property
     def products(self) -> torch.Tensor:
         return self.d * self.n
 
     def refactor(self, d: torch.Tensor, rnd=torch.round) -> _ScaleIntegers:
-        n = rnd(self.v / d).clamp(-self.top - 1 if self.signed else 0, self.top)
+        n = rnd(self.v / d).clamp(self.bottom, self.top)
         if self.floor:
             n = torch.where(n.abs() < self.floor, torch.where(self.v < 0, -1.0, 1.0) * self.floor, n)
         return replace(self, d=d, n=n)
@@ -392,7 +396,7 @@ class _ScaleIntegers:
         return replace(self, n=self.n + a)
 
     def valid(self) -> torch.Tensor:
-        return (self.n >= (-self.top - 1 if self.signed else 0)) & (self.n <= self.top) & (self.n.abs() >= self.floor)
+        return (self.n >= self.bottom) & (self.n <= self.top) & (self.n.abs() >= self.floor)
 
     def where(self, cond: torch.Tensor, other: _ScaleIntegers) -> _ScaleIntegers:
         """`other` where cond [R, S, k]; a condition that differs within a super-block only ever

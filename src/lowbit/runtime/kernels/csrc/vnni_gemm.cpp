@@ -164,7 +164,6 @@ void micro(const int32_t* x4, int64_t ld4, const float* xs, const float* sx, con
   }
 }
 
-
 // y = dequant(W) @ x_hat: x rounded once, then per panel of NR weight rows (build(first row,
 // panel) fills it) the microkernel over every MR activation rows. g: the group size of W's
 // scales and zero points.
