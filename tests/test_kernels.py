@@ -16,7 +16,7 @@ CASES = [
     ("int4-g128", (64, 576)),        # short last group: runs as g64 with repeated scales
     ("int4-channel", (48, 576)), ("int3-g64-asym", (192, 576)), ("int3-g64", (96, 576)),
     ("int2-g64-asym", (64, 576)), ("int4-g128-asym-mse", (256, 512)), ("int8-channel", (192, 576)),
-    ("int8-channel", (24, 4096)),    # wider than native.INT8_GEMV_MAX_K: lowbit-int8's bf16 GEMV is int8pack's
+    ("int8-channel", (24, 4160)),    # wider than native.int8_gemv_max_k(): lowbit-int8's bf16 GEMV is int8pack's
     # lowbit-int4 only: rows not a multiple of its 4-row tiles, groups of 96/192, a 64-column tail
     ("int4-g96", (36, 576)), ("int4-g192-asym", (30, 576)), ("int4-channel", (6, 576)), ("int4-g32", (5, 704)),
 ]
@@ -97,6 +97,21 @@ def test_kernel_matches_reference(kernel, name, shape, dtype, native_isa):
         eps = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
         scale = x.abs().double() @ qt.dequantize().abs().double().t()
         assert ((y - ref).abs() <= eps * scale + 1e-6).all(), (name, dtype, m, float((y - ref).abs().max()))
+
+
+@pytest.mark.parametrize("native_isa", list(native.BUILDS), indirect=True)
+@pytest.mark.parametrize("n,k", [(64, 576), (7, 8192)])  # 8192: two rows at a time, an odd row left over
+def test_int8_gemv_is_exact_up_to_fp32_sums(n, k, native_isa):
+    # the avx512 build multiplies 128 + low nibble and 2048 + 16 * high nibble and takes
+    # 2304 * sum(x) off: on activations with a large common mean that cancellation must stay
+    # far below the bf16 output's own rounding, relative to the result (not to sum |x| |w|)
+    torch.manual_seed(1)
+    qt = quantize_tensor(torch.randn(n, k) * 0.05, "int8-channel")
+    st = native.int8_prepare(qt, torch.bfloat16)
+    x = (30 + torch.randn(3, k)).bfloat16()
+    ref = x.double() @ qt.dequantize().double().t()
+    y = native.module().int8_mm(x, st["w"], st["scale"], False).double()
+    assert ((y - ref).abs() <= 2 ** -8 * ref.abs() + 1e-3).all(), float(((y - ref).abs() / ref.abs()).max())
 
 
 def round_activations_int8(x: torch.Tensor) -> torch.Tensor:

@@ -289,13 +289,15 @@ def _blocked_mm(x2: torch.Tensor, n: int, dequant) -> torch.Tensor:
 
 # ---- int8: symmetric per-channel ---------------------------------------------------
 
-# lowbit's bf16-activation int8 GEMV (fp32 FMA on widened codes) is instruction-bound: ahead of
-# PyTorch's int8pack up to ~3k columns (the embedded model's 49152 x 576 head: 1.6 vs 2.7 ms;
-# on the Zen 4 host 23 vs 15 GB/s there and 22.7 vs 21.2 GB/s at 3072 columns), behind it on
-# 4096-wide rows (18.5 vs 20.7 GB/s). Wider rows on bf16 activations go to int8pack; the
-# int8-activation GEMV (~the read roof at every width) and the prefill GEMM (3x int8pack at
-# 128 rows of 3072-4096 columns) stay lowbit's.
-INT8_GEMV_MAX_K = 3072
+# lowbit's bf16-activation int8 GEMV is instruction-bound, more so in the avx2 build (fp32 FMA on
+# widened codes): there it is ahead of PyTorch's int8pack up to ~3k columns (the embedded model's
+# 49152 x 576 head: 1.6 vs 2.7 ms on the Xeon host) and behind on 4096-wide rows. The avx512
+# build (nibbles into vdpbf16ps) is ahead up to 4096 columns (Zen 4, cold: 49152 x 576 28.9 vs
+# 13.6 GB/s, 4096 x 4096 32.6 vs 24.5) and 0.85-0.9x int8pack at 8192-14336. Wider rows on bf16
+# activations go to int8pack; the int8-activation GEMV (~the read roof at every width) and the
+# prefill GEMM (3x int8pack at 128 rows of 3072-4096 columns) stay lowbit's.
+def int8_gemv_max_k() -> int:
+    return 4096 if isa() == "avx512" else 3072
 
 
 def int8_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> bool:
@@ -309,7 +311,7 @@ def int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
 
     scale = qt.scales()[:, 0].contiguous()  # fp32
     st = {"w": int8_codes(qt), "scale": scale, "n": qt.shape[0]}
-    if qt.shape[1] > INT8_GEMV_MAX_K:  # int8pack takes its scales in the activations' dtype
+    if qt.shape[1] > int8_gemv_max_k():  # int8pack takes its scales in the activations' dtype
         st["scale_act"] = scale.to(dtype)
     return st
 

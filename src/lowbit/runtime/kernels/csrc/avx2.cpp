@@ -268,6 +268,12 @@ void lowbit::int4_dequant_rows(const uint8_t* codes, const void* scale, bool hal
   });
 }
 
+// x as fp32 (exact copies of the bf16 activations): the FMA's other operand.
+int64_t lowbit::int8_x_floats(int64_t k) { return k; }
+void lowbit::int8_prepare_x(const at::BFloat16* x, int64_t m, int64_t k, float* xp) {
+  for (int64_t i = 0; i < m * k; ++i) xp[i] = static_cast<float>(x[i]);
+}
+
 // Rows in order (one memory stream per thread); four chains over k per row hide FMA latency.
 void lowbit::int8_gemm(const float* xp, int64_t m, int64_t k, const int8_t* wp, const float* sp, int64_t n,
                        at::BFloat16* yp) {

@@ -67,8 +67,9 @@ struct Proj {
 
   // Rows [r0, r1) of y = W x (r0 a multiple of the int4 tile; r1 too, or n): the kernels on the
   // rows' slice of W, called from inside a parallel region, so they run on the calling thread.
-  // xf: x as fp32, for the int8 kernel on bf16 activations. No bias (run_all adds it).
-  void run_rows(const bf16* x, bf16* y, const float* xf, int64_t r0, int64_t r1) const {
+  // xp: x as lowbit::int8_prepare_x lays it out, for the int8 kernel on bf16 activations. No
+  // bias (run_all adds it).
+  void run_rows(const bf16* x, bf16* y, const float* xp, int64_t r0, int64_t r1) const {
     if (r0 >= r1) return;
     if (kind == PROJ_INT4) {
       const int64_t G = k / group, esize = scale.scalar_type() == at::kHalf ? 2 : 4;
@@ -81,7 +82,7 @@ struct Proj {
     } else if (kind == PROJ_INT8 && act_int8) {
       lowbit::int8_gemm_a8(x, 1, k, weight.data_ptr<int8_t>() + r0 * k, scale.data_ptr<float>() + r0, r1 - r0, y + r0);
     } else if (kind == PROJ_INT8) {
-      lowbit::int8_gemm(xf, 1, k, weight.data_ptr<int8_t>() + r0 * k, scale.data_ptr<float>() + r0, r1 - r0, y + r0);
+      lowbit::int8_gemm(xp, 1, k, weight.data_ptr<int8_t>() + r0 * k, scale.data_ptr<float>() + r0, r1 - r0, y + r0);
     } else {
       auto xt = torch::from_blob(const_cast<bf16*>(x), {1, k}, torch::kBFloat16);
       auto out = torch::from_blob(y + r0, {1, r1 - r0}, torch::kBFloat16);
@@ -97,22 +98,21 @@ struct Proj {
 // Projections of one input (q/k/v; gate/up; or one alone) as one parallel region over their
 // rows laid end to end, in tiles of 4 rows: one fork and join where there were three, each a few
 // microseconds beside GEMVs of 10-30 us at the embedded model's size.
-void run_all(std::initializer_list<std::pair<const Proj*, bf16*>> projs, const bf16* x, float* xf) {
+void run_all(std::initializer_list<std::pair<const Proj*, bf16*>> projs, const bf16* x, float* xp) {
   int64_t tiles = 0, k = 0;
-  bool fp32_x = false;
+  bool int8_x = false;
   for (const auto& [p, y] : projs) {
     tiles += (p->n + TILE - 1) / TILE;
     k = p->k;
-    fp32_x |= p->kind == PROJ_INT8 && !p->act_int8;
+    int8_x |= p->kind == PROJ_INT8 && !p->act_int8;
   }
-  if (fp32_x)
-    for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(x[i]);
+  if (int8_x) lowbit::int8_prepare_x(x, 1, k, xp);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     int64_t first = 0;  // the first tile of the current projection
     for (const auto& [p, y] : projs) {
       const int64_t n_tiles = (p->n + TILE - 1) / TILE;
       const int64_t a = std::max(t0, first) - first, b = std::min(t1, first + n_tiles) - first;
-      if (a < b) p->run_rows(x, y, xf, TILE * a, std::min(TILE * b, p->n));
+      if (a < b) p->run_rows(x, y, xp, TILE * a, std::min(TILE * b, p->n));
       first += n_tiles;
     }
   });
@@ -340,7 +340,7 @@ class DecodeStep {
     bf16* h = buf16(hidden_, 0);
     bf16 *q = buf16(qd, 1), *kk = buf16(kvd, 2), *vv = buf16(kvd, 3), *att = buf16(qd, 4), *o = buf16(hidden_, 5);
     bf16 *gt = buf16(inter_, 6), *up = buf16(inter_, 7);
-    std::vector<float> xf(std::max(inter_, std::max(hidden_, qd))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1));
+    std::vector<float> xp(lowbit::int8_x_floats(std::max(inter_, std::max(hidden_, qd)))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1));
     bf16* xs = out.data_ptr<bf16>();
     const float *qc = q_cos.data_ptr<float>() + pos * d_, *qs = q_sin.data_ptr<float>() + pos * d_;
     const float *kc = cos.data_ptr<float>() + pos * d_, *ks = sin.data_ptr<float>() + pos * d_;
@@ -349,7 +349,7 @@ class DecodeStep {
       float* kcache = k_cache.data_ptr<float>() + li * n_kv_ * cache_len * d_;
       float* vcache = v_cache.data_ptr<float>() + li * n_kv_ * cache_len * d_;
       rms_norm(xs, h, hidden_, 1, l.norm1);
-      proj({{&l.q, q}, {&l.k, kk}, {&l.v, vv}}, h, xf.data());
+      proj({{&l.q, q}, {&l.k, kk}, {&l.v, vv}}, h, xp.data());
       if (l.q_norm.weight.defined()) {  // Qwen3: per-head RMSNorm of q and k before rotary
         rms_norm(q, q, d_, n_heads_, l.q_norm);
         rms_norm(kk, kk, d_, n_kv_, l.k_norm);
@@ -379,18 +379,18 @@ class DecodeStep {
           weighted_sum(s, V, pos + 1, d_, att + hq * d_);
         }
       });
-      proj({{&l.o, o}}, att, xf.data());
+      proj({{&l.o, o}}, att, xp.data());
       add_into(xs, o, hidden_);
       rms_norm(xs, h, hidden_, 1, l.norm2);
-      proj({{&l.gate, gt}, {&l.up, up}}, h, xf.data());
+      proj({{&l.gate, gt}, {&l.up, up}}, h, xp.data());
       silu_mul(gt, up, l.gate.n);
-      proj({{&l.down, o}}, gt, xf.data());
+      proj({{&l.down, o}}, gt, xp.data());
       add_into(xs, o, hidden_);
     }
     if (!has_head_) return out;
     auto logits = torch::empty({head_.n}, out.options());
     rms_norm(xs, h, hidden_, 1, final_norm_);
-    proj({{&head_, logits.data_ptr<bf16>()}}, h, xf.data());
+    proj({{&head_, logits.data_ptr<bf16>()}}, h, xp.data());
     return logits;
   }
 
@@ -398,10 +398,10 @@ class DecodeStep {
   bool timed = false;
 
  private:
-  void proj(std::initializer_list<std::pair<const Proj*, bf16*>> projs, const bf16* x, float* xf) {
-    if (!timed) return run_all(projs, x, xf);
+  void proj(std::initializer_list<std::pair<const Proj*, bf16*>> projs, const bf16* x, float* xp) {
+    if (!timed) return run_all(projs, x, xp);
     const auto t0 = std::chrono::steady_clock::now();
-    run_all(projs, x, xf);
+    run_all(projs, x, xp);
     linear_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   bf16* buf16(int64_t n, int slot) {

@@ -22,8 +22,13 @@ void int4_gemm(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* code
 void int4_gemm_a8(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale, bool half_scale,
                   const void* zero, int64_t zero_mode, float zconst, int64_t n, int64_t group_size, c10::BFloat16* y);
 
-// y[m, n] = x[m, k] (fp32, exact copies of bf16 activations) @ (scale[n] * W[n, k] (int8))^T
-void int8_gemm(const float* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n, c10::BFloat16* y);
+// int8 weights on bf16 activations: x is laid out once per call as this build's GEMV reads it
+// (int8_x_floats(k) floats per row: fp32 copies in the avx2 build, avx512.cpp's column order
+// and sum in the avx512 build), then any slice of W's rows multiplies it:
+// y[m, n] = x[m, k] @ (scale[n] * W[n, k] (int8))^T, fp32 sums.
+int64_t int8_x_floats(int64_t k);
+void int8_prepare_x(const c10::BFloat16* x, int64_t m, int64_t k, float* xp);
+void int8_gemm(const float* xp, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n, c10::BFloat16* y);
 // The same with x (bf16) rounded to int8 in blocks of 32, as int4_gemm_a8.
 void int8_gemm_a8(const c10::BFloat16* x, int64_t m, int64_t k, const int8_t* w, const float* scale, int64_t n,
                   c10::BFloat16* y);

@@ -108,8 +108,9 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, boo
                          y.data_ptr<at::BFloat16>());
     return y;
   }
-  auto xf = x.to(torch::kFloat).contiguous();  // exact: bf16 -> fp32
-  lowbit::int8_gemm(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
+  auto xp = torch::empty({m, lowbit::int8_x_floats(k)}, x.options().dtype(torch::kFloat));
+  lowbit::int8_prepare_x(x.data_ptr<at::BFloat16>(), m, k, xp.data_ptr<float>());
+  lowbit::int8_gemm(xp.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
                     y.data_ptr<at::BFloat16>());
   return y;
 }
