@@ -340,7 +340,8 @@ class DecodeStep {
     bf16* h = buf16(hidden_, 0);
     bf16 *q = buf16(qd, 1), *kk = buf16(kvd, 2), *vv = buf16(kvd, 3), *att = buf16(qd, 4), *o = buf16(hidden_, 5);
     bf16 *gt = buf16(inter_, 6), *up = buf16(inter_, 7);
-    std::vector<float> xp(lowbit::int8_x_floats(std::max(inter_, std::max(hidden_, qd)))), qf(qd), kf(kvd), scores(n_heads_ * (pos + 1));
+    std::vector<float> xp(lowbit::int8_x_floats(std::max(inter_, std::max(hidden_, qd))));  // int8_prepare_x's
+    std::vector<float> qf(qd), kf(kvd), scores(n_heads_ * (pos + 1));
     bf16* xs = out.data_ptr<bf16>();
     const float *qc = q_cos.data_ptr<float>() + pos * d_, *qs = q_sin.data_ptr<float>() + pos * d_;
     const float *kc = cos.data_ptr<float>() + pos * d_, *ks = sin.data_ptr<float>() + pos * d_;
