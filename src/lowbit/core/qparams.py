@@ -312,8 +312,9 @@ def superblock_qparams(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     (weighted) error of the values `xg` re-rounded on the grid they give: each factor (the
     scales', then the mins') is searched again, each group taking whichever of its two
     neighbouring integers serves its values better, and finally each group tries its scale
-    and min integers one step either way. A 6-bit integer is a coarse scale: rounded to nearest, it moves a group that held its
-    values exactly (a Q4_1 checkpoint on a 5-bit grid) as far as one that did not."""
+    and min integers one step either way. A 6-bit integer is a coarse scale: rounded to
+    nearest, it moves a group that held its values exactly (a Q4_1 checkpoint on a 5-bit
+    grid) as far as one that did not."""
     rows, groups = scale.shape
     k = scheme.super_block // scheme.group_size
     pad = -groups % k

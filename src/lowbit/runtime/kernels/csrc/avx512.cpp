@@ -39,15 +39,12 @@ inline __m512bh ldx(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512
 
 #define LB_INLINE inline __attribute__((always_inline))
 
+// the first min(cnt, 16) of 16 lanes
+LB_INLINE __mmask16 lanes16(int64_t cnt) { return cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1); }
+
 // 16 scales (or float offsets) from fp16 / fp32 storage, lanes past `cnt` zero.
-LB_INLINE __m512 load16(const at::Half* p, int64_t cnt) {
-  const __mmask16 m = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-LB_INLINE __m512 load16(const float* p, int64_t cnt) {
-  const __mmask16 m = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
-  return _mm512_maskz_loadu_ps(m, p);
-}
+LB_INLINE __m512 load16(const at::Half* p, int64_t cnt) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes16(cnt), p)); }
+LB_INLINE __m512 load16(const float* p, int64_t cnt) { return _mm512_maskz_loadu_ps(lanes16(cnt), p); }
 
 // One row's scales as fp32 (sbuf) and, where zbuf is given, its zero terms, 16 groups at a
 // time; and the row's zero-term contribution sum_g z[g] * sx[i][g] for each activation row i,
@@ -63,7 +60,7 @@ LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_
   for (int i = 0; i < M; ++i) zd[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < G; j += 16) {
     const int64_t cnt = G - j;
-    const __mmask16 m = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
+    const __mmask16 m = lanes16(cnt);
     const __m512 sv = load16(scale + r * G + j, cnt);
     __m512 z;  // zero term (see the top of the file), minus the bias * scale the kernel adds
     if (ZMODE == ZERO_CONST) {
@@ -187,8 +184,7 @@ void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst
   for (int rr = 0; rr < TILE; ++rr)
     if constexpr (OFF)  // the scales alone
       for (int64_t j = 0; j < G; j += 16)
-        _mm512_mask_storeu_ps(sbuf + rr * G + j, G - j >= 16 ? 0xFFFF : (1u << (G - j)) - 1,
-                              load16(scale + (r + rr) * G + j, G - j));
+        _mm512_mask_storeu_ps(sbuf + rr * G + j, lanes16(G - j), load16(scale + (r + rr) * G + j, G - j));
     else  // the accumulators start at the zero terms
       row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, nullptr, t.acc[rr]);
   t.left = spg;
@@ -535,15 +531,14 @@ LB_INLINE void int8_rows(const int8_t* wr, int64_t k, const float* xp, const flo
 // often: 4096 x 14336 1.15x faster so; Zen 4, weights cold).
 void lowbit::int8_gemm(const float* xp, int64_t m, int64_t k, const int8_t* wp, const float* sp, int64_t n,
                        at::BFloat16* yp) {
-  const int64_t stride = int8_x_floats(k), R = k > 4096 ? 2 : 1;
+  const int64_t stride = int8_x_floats(k);
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r += R)
-      for (int64_t i = 0; i < m; ++i) {  // m > 1 rereads the rows from L1
-        if (R == 2 && r + 1 < r1)
-          int8_rows<2>(wp + r * k, k, xp + i * stride, sp + r, yp + i * n + r);
-        else
-          for (int64_t j = r; j < std::min(r + R, r1); ++j) int8_rows<1>(wp + j * k, k, xp + i * stride, sp + j, yp + i * n + j);
-      }
+    for (int64_t r = r0; r < r1;) {
+      const bool pair = k > 4096 && r + 1 < r1;
+      for (int64_t i = 0; i < m; ++i)  // m > 1 rereads the rows from L1
+        (pair ? int8_rows<2> : int8_rows<1>)(wp + r * k, k, xp + i * stride, sp + r, yp + i * n + r);
+      r += pair ? 2 : 1;
+    }
   });
 }
 
