@@ -6,20 +6,22 @@ block shapes: 28 layers, hidden 3072, MLP 8192, 24 query / 8 KV heads of 128, ti
 embeddings; the vocabulary is the embedded tokenizer's 49152 (not 128256) so that the
 GGUF export carries a real tokenizer llama.cpp loads. Speed does not depend on the values.
 
-In one run: lowbit fp32 decode (the Python loop: PyTorch's GEMV), lowbit q4_0 with an
-int8 head (the C++ step), with bf16 activations and, where the avx512 build runs, with the
-int4 GEMV on int8 activations (LOWBIT_GEMV_ACT=int8: llama.cpp's numerics), then
-llama.cpp's llama-bench on lowbit's Q4_0 export of the same codes (head Q8_0) before and
-after lowbit. Reported: tokens/s, bytes read per token and
-that rate as a share of the DRAM read roof (the larger of two measurements, before and
-after the runs).
+In one run: lowbit fp32 decode (the Python loop: PyTorch's GEMV), then round-robin
+(`--rounds`, one run each per round): the DRAM read roof, llama.cpp's llama-bench on lowbit's
+Q4_0 export of the same codes (head Q8_0), lowbit q4_0 with an int8 head (the C++ step) with
+bf16 activations and, where the avx512 build runs, with the int4 GEMV on int8 activations
+(LOWBIT_GEMV_ACT=int8: llama.cpp's numerics). Reported: tokens/s (medians of the rounds),
+bytes read per token and that rate as a share of the DRAM read roof (the largest of the
+rounds'), and lowbit over llama.cpp taken round by round, so that the host's drift over
+minutes moves both sides of each ratio alike.
 
-    python benchmarks/bandwidth.py [--out results/bandwidth.json] [--tokens 16]
+    python benchmarks/bandwidth.py [--out results/bandwidth.json] [--tokens 32] [--rounds 3]
 """
 import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,24 +32,25 @@ sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sr
 
 import torch  # noqa: E402
 
-from lowbit.evaluate.bench import environment, read_bandwidth  # noqa: E402
+from lowbit.evaluate.bench import environment, ratio_by_round, read_bandwidth, round_robin  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402
 from lowbit.io.interop import llamacpp  # noqa: E402
 from lowbit.runtime.kernels import native  # noqa: E402
 
-A8 = "q4_0 +int8 lm_head, int8 activations"
+Q4, A8, LLAMA = "q4_0 +int8 lm_head", "q4_0 +int8 lm_head, int8 activations", "llama.cpp Q4_0"
 SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
              num_key_value_heads=8, head_dim=128, vocab_size=49152, tie_word_embeddings=True,
              rope_theta=500000.0, max_position_embeddings=8192)
 
 
-def decode_rate(model, tokens: int) -> tuple[float, bool]:
-    """Tokens/s of lowbit's decoder at batch 1 after a 4-token prompt (best of two runs), and
-    whether the C++ step ran them."""
+def decode_rate(model, tokens: int, env: dict[str, str] | None = None) -> dict:
+    """Tokens/s of lowbit's decoder at batch 1 after a 4-token prompt, and whether the C++
+    step ran them."""
     from lowbit.runtime.generate import generate
 
-    runs = [generate(model, torch.arange(4)[None], tokens + 1, engine="lowbit") for _ in range(2)]
-    return max(r["decode_tokens_per_s"] for r in runs), runs[0]["native_step"]
+    with environment(env or {}):
+        r = generate(model, torch.arange(4)[None], tokens + 1, engine="lowbit")
+    return {"decode_tokens_per_s": r["decode_tokens_per_s"], "native_step": r["native_step"]}
 
 
 def weight_bytes(model) -> int:
@@ -67,7 +70,8 @@ def weight_bytes(model) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/bandwidth.json")
-    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,10 +88,9 @@ def main():
     model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e9:.2f} B parameters", file=sys.stderr)
-    rows = {}
-    rate, _ = decode_rate(model, max(2, args.tokens // 4))  # fp32 reads 12 GB a token: a few suffice
-    rows["fp32"] = {"decode_tokens_per_s": rate, "bytes_per_token": weight_bytes(model), "native_step": False}
-    print(f"fp32 {rate:.2f} tok/s", file=sys.stderr)
+    rows = {"fp32": decode_rate(model, max(2, args.tokens // 8))}  # fp32 reads 12 GB a token: a few suffice
+    rows["fp32"]["bytes_per_token"] = weight_bytes(model)
+    print(f"fp32 {rows['fp32']['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
     recipe = make_recipe("q4_0", "rtn")
     # absmax scales: the codes do not change the speed, and q4_0's MSE search takes minutes per block here
     recipe.scheme = dataclasses.replace(recipe.scheme, scale_method="absmax")
@@ -96,31 +99,38 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "lowbit-q4_0.gguf"
         export_gguf(model, None, gguf, source_gguf=embedded_gguf("smollm2-135m"), requantize="q8_0")
-        before = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
-        rate, native_step = decode_rate(model, args.tokens)
-        print(f"q4_0 {rate:.2f} tok/s; llama.cpp before {before['decode_tokens_per_s']:.2f}", file=sys.stderr)
+        # round-robin, one run each per round (llama-bench: one repetition after its warm-up);
+        # a read roof per round, as the host's bandwidth drifts by minutes
+        tasks = {"read roof": read_bandwidth, LLAMA: lambda: llamacpp.bench(gguf, prompt=0, gen=args.tokens, reps=1,
+                                                                            threads=args.threads),
+                 Q4: lambda: decode_rate(model, args.tokens)}
         with environment({"LOWBIT_GEMV_ACT": "int8"}):
             if native.gemv_act_int8():
-                rate8, step8 = decode_rate(model, args.tokens)
-                rows[A8] = {"decode_tokens_per_s": rate8, "bytes_per_token": weight_bytes(model), "native_step": step8}
-                print(f"q4_0, int8 activations {rate8:.2f} tok/s", file=sys.stderr)
-        after = llamacpp.bench(gguf, gen=args.tokens, reps=2, threads=args.threads)
+                tasks[A8] = lambda: decode_rate(model, args.tokens, {"LOWBIT_GEMV_ACT": "int8"})
+        for name in (Q4, A8):  # warm-up: the first call builds the C++ step
+            if name in tasks:
+                tasks[name]()
+        got = round_robin(tasks, args.rounds)
         gguf_bytes = gguf.stat().st_size
-    roofs.append(read_bandwidth())
+    roofs = got.pop("read roof")
     read_roof = max(roofs)
-    rows["q4_0 +int8 lm_head"] = {"decode_tokens_per_s": rate, "bytes_per_token": weight_bytes(model),
-                                  "native_step": native_step}
+    for name, runs in got.items():
+        per_round = [r["decode_tokens_per_s"] for r in runs]
+        rows[name] = {"decode_tokens_per_s": statistics.median(per_round), "decode_tokens_per_s_rounds": per_round}
+        if name != LLAMA:
+            rows[name].update(bytes_per_token=weight_bytes(model), native_step=runs[-1]["native_step"])
+    peer = rows.pop(LLAMA)
     for r in rows.values():
         r["read_gb_per_s"] = r["decode_tokens_per_s"] * r["bytes_per_token"] / 1e9
         r["percent_of_read_roof"] = 100 * r["read_gb_per_s"] / read_roof
-    q, peer = rows["q4_0 +int8 lm_head"], (before["decode_tokens_per_s"] + after["decode_tokens_per_s"]) / 2
+    versus = {n: ratio_by_round(rows[n]["decode_tokens_per_s_rounds"], peer["decode_tokens_per_s_rounds"])
+              for n in (Q4, A8) if n in rows}
     res = {"host": host_info(), "threads": args.threads, "shape": SHAPE, "params": params,
-           "read_roof_gb_per_s": read_roof, "read_roofs_before_after": roofs, "variants": rows,
+           "read_roof_gb_per_s": read_roof, "read_roofs_by_round": roofs, "variants": rows,
            "llama_cpp": {"sdist": llamacpp.SDIST, "file": "lowbit's Q4_0 export (head Q8_0)", "file_bytes": gguf_bytes,
-                         "before": before, "after": after},
-           "q4_0_vs_fp32": q["decode_tokens_per_s"] / rows["fp32"]["decode_tokens_per_s"],
-           "q4_0_vs_llama_cpp_q4_0": q["decode_tokens_per_s"] / peer,
-           **({"q4_0_int8_activations_vs_llama_cpp_q4_0": rows[A8]["decode_tokens_per_s"] / peer} if A8 in rows else {}),
+                         **peer},
+           "q4_0_vs_fp32": rows[Q4]["decode_tokens_per_s"] / rows["fp32"]["decode_tokens_per_s"],
+           "vs_llama_cpp_q4_0": versus,
            "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
@@ -129,11 +139,11 @@ def main():
         print(f"lowbit {n:24s} {r['decode_tokens_per_s']:7.2f} tok/s  {r['bytes_per_token'] / 1e9:5.2f} GB/token  "
               f"{r['read_gb_per_s']:5.1f} GB/s = {r['percent_of_read_roof']:.0f}% of the read roof "
               f"({read_roof:.1f} GB/s)", file=sys.stderr)
-    print(f"llama.cpp Q4_0 (lowbit's file)  {before['decode_tokens_per_s']:.2f} & {after['decode_tokens_per_s']:.2f} tok/s; "
-          f"lowbit q4_0 / llama.cpp {res['q4_0_vs_llama_cpp_q4_0']:.2f}x, / fp32 {res['q4_0_vs_fp32']:.2f}x",
-          file=sys.stderr)
-    if A8 in rows:
-        print(f"lowbit q4_0 with int8 activations / llama.cpp {res['q4_0_int8_activations_vs_llama_cpp_q4_0']:.2f}x",
+    print(f"llama.cpp Q4_0 (lowbit's file)  {peer['decode_tokens_per_s']:.2f} tok/s "
+          f"(rounds {', '.join(f'{x:.2f}' for x in peer['decode_tokens_per_s_rounds'])}); "
+          f"lowbit q4_0 / fp32 {res['q4_0_vs_fp32']:.2f}x", file=sys.stderr)
+    for n, v in versus.items():
+        print(f"lowbit {n} / llama.cpp Q4_0: {v['median']:.2f}x (rounds {', '.join(f'{x:.2f}' for x in v['by_round'])})",
               file=sys.stderr)
 
 

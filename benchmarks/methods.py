@@ -51,7 +51,7 @@ def kv_table(source: str, max_windows: int, seq_len: int) -> list[dict]:
     from lowbit.io.text import text_windows
     from lowbit.models.load import load_float
     from lowbit.plan.planner import arch_from_hf_config, kv_cache_bytes
-    from lowbit.runtime.kvcache import QuantizedKVCache, kv_logprobs
+    from lowbit.runtime.kvcache import QuantizedKVCache, cache_kwargs, kv_logprobs
 
     model, tok = load_float(source)
     _, windows = text_windows(tok, "wiki", "text", seq_len, eval_max=max_windows)
@@ -69,7 +69,7 @@ def kv_table(source: str, max_windows: int, seq_len: int) -> list[dict]:
             n += t.numel()
         cache = QuantizedKVCache(model.config, fmt or "int8", gran if fmt else "token")
         with torch.no_grad():
-            model(input_ids=windows[:1], past_key_values=cache, use_cache=True)
+            model(input_ids=windows[:1], **cache_kwargs(model, cache), use_cache=True)
         rows.append({"kv_cache": fmt or "fp16", "scales": gran, "perplexity": float(torch.tensor(nll / n).exp()),
                      "kl_divergence": kl / n, "top1_agreement": agree / n,
                      "bytes_per_token": (cache.nbytes() / seq_len) if fmt else kv_cache_bytes(arch, 1, 1, "fp16"),

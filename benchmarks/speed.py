@@ -1,6 +1,6 @@
 """Speed in one run: quantized vs float, kernels vs the measured memory roof.
 
-1. STREAM-like copy bandwidth (the roof), 2 threads.
+1. DRAM read and copy bandwidth (the roofs), 2 threads; a GEMV's % is of the read roof.
 2. Embedded SmolLM2-135M: decode tokens/s at batch 1 (static KV cache) through
    lowbit's decode loop and through transformers' forward, and prefill tokens/s
    (prompts of 32 and 128 tokens, the last position's logits, as llama-bench's pp) for fp32,
@@ -8,9 +8,10 @@
    where the avx512 build runs, q4_0 is timed a second time with its GEMVs and 4-bit prefill
    on int8 activations (LOWBIT_GEMV_ACT=int8, the rounding llama.cpp applies to every
    quantized type's dot products).
-3. llama.cpp (built from the llama-cpp-python sdist), timed by llama-bench before and after
-   lowbit on the same model: F32, F16, BF16, Q8_0 and Q4_0 from llama-quantize, and
-   lowbit's own Q4_0 export (same threads; decode of `--tokens`, prefill of 128).
+3. llama.cpp (built from the llama-cpp-python sdist), timed by llama-bench in the same
+   round-robin rounds as lowbit's variants (`--rounds`) on the same model: F32, F16, BF16,
+   Q8_0 and Q4_0 from llama-quantize, and lowbit's own Q4_0 export (same threads; decode of
+   `--tokens`, prefill of 128); lowbit q4_0 over llama.cpp Q4_0 is taken round by round.
 4. A Llama-7B-shaped layer stack (4096x4096 and 11008x4096): GEMV at batch 1
    over cache-cold weights for every path, including the naive
    dequantize-then-multiply one; and GEMM at 32 and 128 rows (prefill), where
@@ -24,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 # this file's folder holds gguf.py, which would shadow the `gguf` package: put src/ in its place
@@ -38,6 +40,7 @@ from lowbit.evaluate.bench import (  # noqa: E402
     environment,
     format_speed,
     gemv_bench,
+    ratio_by_round,
     read_bandwidth,
     speed_variants,
 )
@@ -56,6 +59,7 @@ def main():
     ap.add_argument("--out", default="results/speed.json")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds of every variant and llama.cpp file")
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                     help="skip llama.cpp (its tools are built on first use, ~8 minutes)")
     args = ap.parse_args()
@@ -65,16 +69,19 @@ def main():
     float_model, tok = load_float("smollm2-135m")
     models = speed_variants("smollm2-135m", ["q4_0", "w4a16-g64", "w8a16"], lm_head="int8")
     tmp = tempfile.mkdtemp()
-    peer = llama_cpp_files(float_model, models["q4_0 +int8 lm_head"], tmp) if args.llama_cpp else {}
-    # llama.cpp before and after lowbit: a host that drifts shows up as two different llama.cpp figures
-    before = {n: llamacpp.bench(f, gen=args.tokens, threads=args.threads) for n, f in peer.items()}
+    files = llama_cpp_files(float_model, models["q4_0 +int8 lm_head"], tmp) if args.llama_cpp else {}
+    # llama.cpp in lowbit's rounds (one llama-bench repetition per round, as lowbit's one
+    # generate): a host that drifts moves both figures of a round together
+    peers = {f"llama.cpp {n}": partial(llamacpp.bench, f, gen=args.tokens, reps=1, threads=args.threads)
+             for n, f in files.items()}
     env = {}
     with environment({"LOWBIT_GEMV_ACT": "int8"}):
         if native.gemv_act_int8():
             models[A8] = models["q4_0 +int8 lm_head"]  # the same model, timed with int8 activations
             env[A8] = {"LOWBIT_GEMV_ACT": "int8"}
-    e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=(32, 128), env=env)
-    after = {n: llamacpp.bench(f, gen=args.tokens, threads=args.threads) for n, f in peer.items()}
+    e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=(32, 128), rounds=args.rounds, env=env,
+                     peers=peers)
+    llama = {n: e2e.pop(n) for n in peers}
     del models
     shutil.rmtree(tmp)
     stack = [(4096, 4096), (11008, 4096)]
@@ -84,9 +91,9 @@ def main():
     res = {
         "host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "read_roof_gb_per_s": read_roof,
         "cold_bytes": cold_bytes(), "variants": e2e,
-        "llama_cpp": {"sdist": llamacpp.SDIST, "before": before, "after": after} if peer else None,
-        "gemv": gemv_bench(stack, roof, batch=1, group_size=128),
-        "gemm_prefill": [r for b in (32, 128) for r in gemv_bench(stack, roof, batch=b, group_size=128,
+        "llama_cpp": {"sdist": llamacpp.SDIST, "engines": llama, "vs_lowbit": vs_llama_cpp(e2e, llama)} if llama else None,
+        "gemv": gemv_bench(stack, read_roof, batch=1, group_size=128),
+        "gemm_prefill": [r for b in (32, 128) for r in gemv_bench(stack, read_roof, batch=b, group_size=128,
                                                                    variants=["fp32", "bf16", "fp16", "int4pack", "int8pack", "lowbit"])],
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -97,7 +104,7 @@ def main():
     for g in res["gemm_prefill"]:
         print(f"{g['variant'] + ' ' + 'x'.join(map(str, g['shape'])):44s} {g['batch']:5d} {g['us_per_call']:9.1f} "
               f"{g['gb_per_s']:7.1f}", file=sys.stderr)
-    if peer:
+    if llama:
         print("\n" + format_peer(res), file=sys.stderr)
     print(json.dumps(res, indent=1))
 
@@ -118,24 +125,24 @@ def llama_cpp_files(model, q4_0, tmp: str) -> dict[str, Path]:
     return files
 
 
+def vs_llama_cpp(variants: dict, llama: dict) -> dict:
+    """lowbit's q4_0 (bf16 and, where timed, int8 activations) over llama.cpp's Q4_0, decode and
+    prefill at 128, round by round (bench.ratio_by_round)."""
+    ref = llama["llama.cpp Q4_0"]
+    return {f"{n} / llama.cpp Q4_0 {what}": ratio_by_round(variants[n][f"{key}_rounds"], ref[f"{key}_rounds"])
+            for n in ("q4_0 +int8 lm_head", A8) if n in variants
+            for what, key in (("decode", "decode_tokens_per_s"), ("prefill 128", "prefill_tokens_per_s"))}
+
+
 def format_peer(res: dict) -> str:
-    """lowbit beside llama.cpp: decode and prefill (128-token prompt) tokens/s, and the ratios."""
+    """lowbit beside llama.cpp: decode and prefill (128-token prompt) tokens/s (medians of the
+    rounds), and the ratios round by round."""
     lc, v = res["llama_cpp"], res["variants"]
     lines = [f"{'':34s} {'decode tok/s':>14s} {'prefill 128':>14s}"]
-    for n in lc["before"]:
-        b, a = lc["before"][n], lc["after"][n]
-        lines.append(f"{'llama.cpp ' + n:34s} {b['decode_tokens_per_s']:6.1f} & {a['decode_tokens_per_s']:5.1f} "
-                     f"{b['prefill_tokens_per_s']:6.0f} & {a['prefill_tokens_per_s']:5.0f}")
-    for n, r in v.items():
-        lines.append(f"{'lowbit ' + n:34s} {r['decode_tokens_per_s']:14.1f} {r['prefill_tokens_per_s_by_len']['128']:14.0f}")
-    ref = lambda k: (lc["before"]["Q4_0"][k] + lc["after"]["Q4_0"][k]) / 2  # noqa: E731
-    q = v["q4_0 +int8 lm_head"]
-    lines.append(f"lowbit q4_0 / llama.cpp Q4_0: decode {q['decode_tokens_per_s'] / ref('decode_tokens_per_s'):.2f}x, "
-                 f"prefill {q['prefill_tokens_per_s_by_len']['128'] / ref('prefill_tokens_per_s'):.2f}x")
-    if A8 in v:
-        lines.append(f"lowbit q4_0 with int8 activations / llama.cpp Q4_0: decode "
-                     f"{v[A8]['decode_tokens_per_s'] / ref('decode_tokens_per_s'):.2f}x, "
-                     f"prefill {v[A8]['prefill_tokens_per_s_by_len']['128'] / ref('prefill_tokens_per_s'):.2f}x")
+    for n, r in {**lc["engines"], **{f"lowbit {n}": r for n, r in v.items()}}.items():
+        lines.append(f"{n:34s} {r['decode_tokens_per_s']:14.1f} {r['prefill_tokens_per_s']:14.0f}")
+    for n, r in lc["vs_lowbit"].items():
+        lines.append(f"{n}: {r['median']:.2f}x (rounds {', '.join(f'{x:.2f}' for x in r['by_round'])})")
     return "\n".join(lines)
 
 

@@ -227,7 +227,7 @@ def test_qat_lowers_the_distillation_loss_and_exports_codes():
 
 def test_kv_cache_quantization_costs_little_and_its_bytes_match_the_planner(embedded, wiki_windows):
     from lowbit.plan.planner import arch_from_hf_config, kv_cache_bytes
-    from lowbit.runtime.kvcache import QuantizedKVCache, kv_logprobs
+    from lowbit.runtime.kvcache import QuantizedKVCache, cache_kwargs, kv_logprobs
 
     base, _ = embedded
     ids = wiki_windows[1][:2, :128]
@@ -239,8 +239,8 @@ def test_kv_cache_quantization_costs_little_and_its_bytes_match_the_planner(embe
     assert 0 < kls["int8"] < kls["fp8"] < 0.05
     cache = QuantizedKVCache(base.config, "int8")
     with torch.no_grad():
-        base(input_ids=ids, past_key_values=cache, use_cache=True)
-        base(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)  # one decode step appends
+        base(input_ids=ids, **cache_kwargs(base, cache), use_cache=True)
+        base(input_ids=ids[:, :1], **cache_kwargs(base, cache), use_cache=True)  # one decode step appends
     arch = arch_from_hf_config(base.config.to_dict())
     assert cache.nbytes() == kv_cache_bytes(arch, 129, 2, "int8")
 

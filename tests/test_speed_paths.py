@@ -9,7 +9,7 @@ import torch
 
 from lowbit.api import make_recipe, quantize
 from lowbit.core.scheme import Scheme
-from lowbit.evaluate.bench import gemv_bench
+from lowbit.evaluate.bench import end_to_end, gemv_bench, ratio_by_round, round_robin
 from lowbit.runtime.generate import generate
 from lowbit.runtime.kernels import native
 from lowbit.runtime.qlinear import QuantLinear
@@ -54,6 +54,39 @@ def test_gemv_bench_reports_roof_fractions():
     assert {r["variant"] for r in rows} == {"fp32", "int4-g128 int4pack bf16", "int4-g128 naive dequant+matmul bf16"}
     for r in rows:
         assert r["us_per_call"] > 0 and abs(r["percent_of_roof"] - 10 * r["gb_per_s"]) < 1e-6
+
+
+def test_round_robin_interleaves_and_ratios_pair_rounds():
+    calls = []
+    got = round_robin({"a": lambda: calls.append("a") or len(calls), "b": lambda: calls.append("b") or len(calls)}, 3)
+    assert calls == ["a", "b"] * 3 and got == {"a": [1, 3, 5], "b": [2, 4, 6]}
+    r = ratio_by_round([2.0, 3.0, 8.0], [1.0, 2.0, 2.0])
+    assert r == {"median": 2.0, "min": 1.5, "max": 4.0, "by_round": [2.0, 1.5, 4.0]}
+
+
+def test_end_to_end_times_peers_in_the_same_rounds(embedded):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = embedded
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    tiny = LlamaForCausalLM(cfg).eval()
+    order, peer_rate = [], iter([10.0, 30.0, 20.0])
+
+    def peer():
+        order.append("peer")
+        return {"decode_tokens_per_s": next(peer_rate), "prefill_tokens_per_s": 5.0}
+
+    tiny.register_forward_pre_hook(lambda *_: order.append("model"))
+    out = end_to_end({"tiny": tiny}, tok, new_tokens=3, prompt_lens=(4,), rounds=3, peers={"peer": peer})
+    assert order.count("peer") == 3 and order[-1] == "peer"  # one call per round, after the model's
+    between = [order.index("peer", i) for i in range(len(order)) if order[i] == "peer"]
+    assert all(order[a + 1] == "model" for a in between[:-1])  # the model ran again between them
+    assert out["peer"] == {"decode_tokens_per_s": 20.0, "decode_tokens_per_s_rounds": [10.0, 30.0, 20.0],
+                           "prefill_tokens_per_s": 5.0, "prefill_tokens_per_s_rounds": [5.0] * 3}
+    t = out["tiny"]
+    assert len(t["decode_tokens_per_s_rounds"]) == 3 and t["decode_tokens_per_s"] == sorted(t["decode_tokens_per_s_rounds"])[1]
 
 
 def test_bench_and_generate_cli():

@@ -349,7 +349,7 @@ def cmd_bench(args) -> int:
            "cold_bytes": cold_bytes(), "variants": e2e}
     if not args.no_micro:
         log(f"GEMV microbenchmarks (weights rotated through {cold_bytes() >> 20} MiB, 4x the last-level cache) ...")
-        res["gemv"] = gemv_bench([(4096, 4096)], roof)
+        res["gemv"] = gemv_bench([(4096, 4096)], read_roof)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0

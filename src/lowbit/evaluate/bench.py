@@ -186,19 +186,43 @@ def environment(settings: dict[str, str]):
                 os.environ[k] = v
 
 
+def round_robin(tasks: dict, rounds: int) -> dict[object, list]:
+    """Each task (a callable) once per round, in order, `rounds` times: what each returned, per
+    round. A host whose bandwidth drifts over minutes, or a neighbour's burst, then lands on
+    every task of a round alike, and a ratio taken round by round (ratio_by_round) cancels it
+    where a ratio of two separately timed figures does not."""
+    out = {key: [] for key in tasks}
+    for _ in range(rounds):
+        for key, fn in tasks.items():
+            out[key].append(fn())
+    return out
+
+
+def ratio_by_round(a: list[float], b: list[float]) -> dict:
+    """a[i] / b[i] for each round i of a round_robin: the median, the extremes and each."""
+    import statistics
+
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "by_round": r}
+
+
 def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64, prompt_lens=(32, 128),
                prompt: str = "The history of the city begins", rounds: int = 3,
-               env: dict[str, dict[str, str]] | None = None) -> dict[str, dict]:
+               env: dict[str, dict[str, str]] | None = None,
+               peers: dict[str, Callable[[], dict]] | None = None) -> dict[str, dict]:
     """Decode tokens/s (batch 1, static cache) and prefill tokens/s per prompt length.
 
     Decode is timed through lowbit's decode loop where the architecture allows it (the
     headline figure) and through transformers' forward (always, `*_transformers`).
-    Variants are timed round-robin, `rounds` times, and each reports its median: a
-    neighbour's burst on a shared machine then hits every variant alike, not one of them.
-    `env`: per variant, environment settings it runs under (LOWBIT_GEMV_ACT=int8: one model
-    timed twice, with its GEMVs on bf16 and on int8 activations).
+    Variants are timed round_robin, `rounds` times, and each reports its median and its
+    figure per round (`*_rounds`). `env`: per variant, environment settings it runs under
+    (LOWBIT_GEMV_ACT=int8: one model timed twice, with its GEMVs on bf16 and on int8
+    activations). `peers`: other engines timed in the same rounds (name -> a callable that
+    returns `decode_tokens_per_s` and `prefill_tokens_per_s` at the longest prompt, as
+    llamacpp.bench does); each gets an entry of those medians and their `*_rounds`.
     """
     import statistics
+    from functools import partial
 
     env = env or {}
 
@@ -213,34 +237,40 @@ def end_to_end(models: dict[str, nn.Module], tokenizer, *, new_tokens: int = 64,
     # one pass with Linear timers per engine (also the warm-up); the timed rounds run without hooks
     timed = {(name, e): run(name, generate, m, ids, new_tokens, engine=e, time_linears=True)
              for name, m in models.items() for e in engines[name]}
-    decode = {key: [] for key in timed}
-    prefill = {name: {n: [] for n in prompt_lens} for name in models}
-    last = {}
-    for _ in range(rounds):
-        for name, m in models.items():
-            for e in engines[name]:
-                last[name, e] = run(name, generate, m, ids, new_tokens, engine=e)
-                decode[name, e].append(last[name, e]["decode_tokens_per_s"])
-            for n, p in prompts.items():
-                prefill[name][n].append(run(name, prefill_tokens_per_s, m, p, repeat=1))
+    tasks = {}
+    for name, m in models.items():
+        for e in engines[name]:
+            tasks[name, e] = partial(run, name, generate, m, ids, new_tokens, engine=e)
+        for n, p in prompts.items():
+            tasks[name, n] = partial(run, name, prefill_tokens_per_s, m, p, repeat=1)
+    tasks.update(peers or {})
+    got = round_robin(tasks, rounds)
     linear_fraction = {k: g["decode_linear_seconds"] / g["decode_seconds"] for k, g in timed.items()}
     out = {}
     for name, m in models.items():
         e = decode_engine(m)
-        by_len = {str(n): statistics.median(v) for n, v in prefill[name].items()}
-        tps = statistics.median(decode[name, e])
+        decode = {eng: [g["decode_tokens_per_s"] for g in got[name, eng]] for eng in engines[name]}
+        by_len = {str(n): statistics.median(got[name, n]) for n in prompt_lens}
+        tps = statistics.median(decode[e])
         out[name] = {
             "decode_tokens_per_s": tps,
+            "decode_tokens_per_s_rounds": decode[e],
             "decode_ms_per_token": 1e3 / tps,
             "decode_engine": e,
-            "decode_native_step": last[name, e]["native_step"],  # the layer stack in C++ (decode_step.cpp)
+            "decode_native_step": got[name, e][-1]["native_step"],  # the layer stack in C++ (decode_step.cpp)
             "decode_linear_fraction": linear_fraction[name, e],
-            "decode_tokens_per_s_transformers": statistics.median(decode[name, "transformers"]),
+            "decode_tokens_per_s_transformers": statistics.median(decode["transformers"]),
             "decode_linear_fraction_transformers": linear_fraction[name, "transformers"],
             "prefill_tokens_per_s": by_len[str(max(prompt_lens))],  # at the longest prompt
+            "prefill_tokens_per_s_rounds": got[name, max(prompt_lens)],
             "prefill_tokens_per_s_by_len": by_len,
-            "text": tokenizer.decode(last[name, e]["tokens"][0][:24]),
+            "text": tokenizer.decode(got[name, e][-1]["tokens"][0][:24]),
         }
+    for name in peers or {}:
+        out[name] = {}
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            per_round = [r[key] for r in got[name]]
+            out[name][key], out[name][f"{key}_rounds"] = statistics.median(per_round), per_round
     return out
 
 
@@ -249,7 +279,8 @@ def format_speed(res: dict) -> str:
     base = v.get("fp32", next(iter(v.values())))["decode_tokens_per_s"]
     lens = list(next(iter(v.values()))["prefill_tokens_per_s_by_len"])
     base_tf = v.get("fp32", next(iter(v.values())))["decode_tokens_per_s_transformers"]
-    lines = [f"copy bandwidth roof: {res['roof_gb_per_s']:.1f} GB/s ({res['threads']} threads)", "",
+    lines = [f"DRAM roofs ({res['threads']} threads): read {res['read_roof_gb_per_s']:.1f} GB/s, copy "
+             f"{res['roof_gb_per_s']:.1f} GB/s (GEMV % of the read roof: it only reads)", "",
              f"{'variant':28s} {'engine':>12s} {'decode tok/s':>12s} {'vs fp32':>8s} {'linears':>8s} "
              f"{'transformers':>12s} {'vs fp32':>8s} " + " ".join(f"{'prefill ' + n:>13s}" for n in lens)]
     for name, r in v.items():
@@ -259,7 +290,7 @@ def format_speed(res: dict) -> str:
                      f"{100 * r['decode_linear_fraction']:7.0f}% {tf:12.1f} {tf / base_tf:7.2f}x "
                      + " ".join(f"{r['prefill_tokens_per_s_by_len'][n]:13.0f}" for n in lens))
     if "gemv" in res:
-        lines += ["", f"{'GEMV (batch 1)':44s} {'us':>9s} {'GB/s':>7s} {'% roof':>7s}"]
+        lines += ["", f"{'GEMV (batch 1)':44s} {'us':>9s} {'GB/s':>7s} {'% read':>7s}"]
         for g in res["gemv"]:
             lines.append(f"{g['variant'] + ' ' + 'x'.join(map(str, g['shape'])):44s} {g['us_per_call']:9.1f} "
                          f"{g['gb_per_s']:7.1f} {g['percent_of_roof']:6.0f}%")

@@ -63,10 +63,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     else:
         from transformers import StaticCache
 
-        cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+        from lowbit.runtime.kvcache import cache_kwargs
+
+        cache = cache_kwargs(model, StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens))
 
         def step(ids, pos):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+            out = model(input_ids=ids, **cache, use_cache=True,
                         cache_position=torch.arange(pos, pos + ids.shape[1]))
             return out.logits[:, -1:].argmax(-1)
     timer = LinearTimer(model) if time_linears else None

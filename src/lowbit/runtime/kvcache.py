@@ -18,6 +18,15 @@ from lowbit.core.scheme import Scheme
 from lowbit.errors import UserError
 
 KV_FORMATS = {"int8": "int8", "fp8": "fp8_e4m3"}
+
+
+def cache_kwargs(model, cache) -> dict:
+    """A KV cache as `model`'s forward takes it: `cache=` from transformers 5.25 on (where
+    `past_key_values=` warns, and is gone in 5.40), `past_key_values=` before."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 KV_GRANULARITIES = ("token", "head")
 
 
@@ -71,7 +80,7 @@ def _cat(old, new, granularity):
 
 
 class QuantizedKVCache(Cache):
-    """One QuantizedKVLayer per decoder layer; pass as `past_key_values=`."""
+    """One QuantizedKVLayer per decoder layer; pass it as cache_kwargs() says."""
 
     def __init__(self, config, fmt: str = "int8", granularity: str = "token"):
         if fmt not in KV_FORMATS:
@@ -91,6 +100,6 @@ def kv_logprobs(model, ids: torch.Tensor, fmt: str | None, granularity: str = "t
     import torch.nn.functional as F
 
     cache = QuantizedKVCache(model.config, fmt, granularity) if fmt else None
-    out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
+    out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=cache is not None)
     return F.log_softmax(out.logits[:, :-1].float(), -1)
 

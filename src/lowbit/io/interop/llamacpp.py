@@ -126,12 +126,14 @@ def run(name: str, *args, timeout: float = 1800, threads: int | None = None) -> 
 
 
 def bench(model: Path, *, prompt: int = 128, gen: int = 64, reps: int = 3, threads: int = 2) -> dict:
-    """llama-bench on one GGUF file: its mean prefill (a `prompt`-token prompt) and decode tokens/s."""
+    """llama-bench on one GGUF file: its mean prefill (a `prompt`-token prompt; none for 0) and
+    decode tokens/s."""
     out = run("llama-bench", "-m", model, "-p", prompt, "-n", gen, "-r", reps, "-o", "json", threads=threads)
     rows = json.loads(out.stdout)
-    pp = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
+    pp = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0) if prompt else None
     tg = next(r for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
-    return {"prefill_tokens_per_s": pp["avg_ts"], "decode_tokens_per_s": tg["avg_ts"], "type": tg.get("model_type")}
+    return {"prefill_tokens_per_s": pp["avg_ts"] if pp else None, "decode_tokens_per_s": tg["avg_ts"],
+            "type": tg.get("model_type")}
 
 
 def log_probs(model: Path, text: Path, *, ctx: int = 128, chunks: int = 4, threads: int = 2):
