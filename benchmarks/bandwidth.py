@@ -15,7 +15,7 @@ bytes read per token and that rate as a share of the DRAM read roof (the largest
 rounds'), and lowbit over llama.cpp taken round by round, so that the host's drift over
 minutes moves both sides of each ratio alike.
 
-    python benchmarks/bandwidth.py [--out results/bandwidth.json] [--tokens 32] [--rounds 3]
+    python benchmarks/bandwidth.py [--out results/bandwidth.json] [--tokens 32] [--rounds 5]
 """
 import argparse
 import dataclasses
@@ -71,7 +71,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/bandwidth.json")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -22,13 +22,21 @@ import json
 import os
 import statistics
 import sys
+from functools import partial
 
 sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 import torch  # noqa: E402
 
-from lowbit.evaluate.bench import gemv_bench, prefill_tokens_per_s, read_bandwidth, speed_variants  # noqa: E402
+from lowbit.evaluate.bench import (  # noqa: E402
+    gemv_bench,
+    prefill_tokens_per_s,
+    read_bandwidth,
+    round_robin,
+    speed_variants,
+)
 from lowbit.evaluate.host import host_info  # noqa: E402
+from lowbit.evaluate.quality import kl_and_agreement  # noqa: E402
 from lowbit.io.text import split_text, tokenize, wiki_text  # noqa: E402
 from lowbit.models import load_float  # noqa: E402
 from lowbit.runtime.decode import Decoder  # noqa: E402
@@ -55,9 +63,8 @@ def teacher_forced_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def agreement(ref: torch.Tensor, logits: torch.Tensor) -> dict:
-    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)
-    return {"kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
-            "top1": float((ref.argmax(-1) == logits.argmax(-1)).float().mean())}
+    kl, agree = kl_and_agreement(torch.log_softmax(ref, -1), torch.log_softmax(logits, -1))
+    return {"kl": kl / len(ref), "top1": agree / len(ref)}
 
 
 def main():
@@ -80,17 +87,17 @@ def main():
         runs.append((q4, "avx512", "int8"))
     ids = tok("The history of the city begins", return_tensors="pt").input_ids
     prompt = torch.randint(0, models["fp32"].config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
-    decode = {r: [] for r in runs}
-    prefill = {r: [] for r in runs}
     for name, isa, act in runs:  # warm-up (and the kernels' first-use costs)
         pin(isa, act)
         generate(models[name], ids, 8)
-    for _ in range(args.rounds):
-        for r in runs:
-            pin(*r[1:])
-            g = generate(models[r[0]], ids, args.tokens)
-            decode[r].append(g["decode_tokens_per_s"])
-            prefill[r].append(prefill_tokens_per_s(models[r[0]], prompt, repeat=1))
+
+    def timed(model, isa, act):  # decode, then prefill of the 128-token prompt, on this build
+        pin(isa, act)
+        return generate(model, ids, args.tokens)["decode_tokens_per_s"], prefill_tokens_per_s(model, prompt, repeat=1)
+
+    got = round_robin({r: partial(timed, models[r[0]], *r[1:]) for r in runs}, args.rounds)
+    decode = {r: [d for d, _ in got[r]] for r in runs}
+    prefill = {r: [p for _, p in got[r]] for r in runs}
     quality = []
     if "avx512" in builds:
         text = tokenize(tok, split_text(wiki_text())[1])[None, :args.quality_tokens]

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from lowbit.algorithms.qat import QATOptions  # noqa: E402
 from lowbit.evaluate.compare import compare, format_quality_table  # noqa: E402
 from lowbit.evaluate.host import host_info  # noqa: E402
+from lowbit.evaluate.quality import kl_and_agreement  # noqa: E402
 from lowbit.quantization.job import MethodOptions  # noqa: E402
 
 W = "-g64-asym"
@@ -64,8 +65,8 @@ def kv_table(source: str, max_windows: int, seq_len: int) -> list[dict]:
             lp = ref if fmt is None else kv_logprobs(model, b, fmt, gran)
             t = b[:, 1:].unsqueeze(-1)
             nll += float(-lp.gather(-1, t).sum())
-            kl += float((ref.exp() * (ref - lp)).sum())
-            agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+            kl_b, agree_b = kl_and_agreement(ref, lp)
+            kl, agree = kl + kl_b, agree + agree_b
             n += t.numel()
         cache = QuantizedKVCache(model.config, fmt or "int8", gran if fmt else "token")
         with torch.no_grad():

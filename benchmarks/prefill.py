@@ -42,7 +42,7 @@ def paths(n: int, k: int) -> dict:
     st = kernel.prepare(qt, torch.bfloat16)
     wb = qt.dequantize().bfloat16()
     mod, args = native.module(), (st["codes"], st["scale"], st["zero"])
-    blocks = lambda x: native._blocked_mm(x, n, lambda r0, r1, out: mod.int4_dequant(  # noqa: E731
+    blocks = lambda x: native.blocked_mm(x, n, lambda r0, r1, out: mod.int4_dequant(  # noqa: E731
         *args, n, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // native.TILE) * native.TILE, out))
     fns = {"bf16 mm": lambda x: x @ wb.t(), "dequant+mm": blocks, "lowbit": lambda x: kernel.run(x, st)}
     if native.isa() == "avx512":

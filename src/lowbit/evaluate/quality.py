@@ -40,6 +40,12 @@ def next_token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def kl_and_agreement(base: torch.Tensor, lp: torch.Tensor) -> tuple[float, int]:
+    """Log-probs `lp` against the baseline's `base` (vocabulary last), summed over every
+    position: KL(P_base || P), and the number of positions whose top-1 tokens agree."""
+    return float((base.exp() * (base - lp)).sum()), int((lp.argmax(-1) == base.argmax(-1)).sum())
+
+
 @torch.no_grad()
 def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, baseline: nn.Module | None = None, *,
                   batch_size: int = 2, progress: bool = True) -> dict[str, dict]:
@@ -48,7 +54,6 @@ def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, baseline:
     for batch in tqdm(windows.split(batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
         targets = batch[:, 1:]
         base = next_token_logprobs(baseline, batch) if baseline is not None else None
-        base_p = base.exp() if base is not None else None
         for name, model in models.items():
             t = time.time()
             lp = base if model is baseline else next_token_logprobs(model, batch)
@@ -57,6 +62,6 @@ def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, baseline:
             acc.nll += float(-lp.gather(-1, targets.unsqueeze(-1)).sum())
             acc.tokens += targets.numel()
             if base is not None:
-                acc.kl += float((base_p * (base - lp)).sum())
-                acc.agree += int((lp.argmax(-1) == base.argmax(-1)).sum())
+                kl, agree = kl_and_agreement(base, lp)
+                acc.kl, acc.agree = acc.kl + kl, acc.agree + agree
     return {name: acc.result(baseline is not None) for name, acc in accs.items()}

@@ -260,7 +260,7 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     elif isa() == "avx512":
         y = module().int4_mm_prefill(x2, *args, n, st["group"], st["mode"], st["zconst"], amx())
     else:
-        y = _blocked_mm(x2, n, lambda r0, r1, out: module().int4_dequant(
+        y = blocked_mm(x2, n, lambda r0, r1, out: module().int4_dequant(
             *args, n, k, st["group"], st["mode"], st["zconst"], r0, -(-r1 // TILE) * TILE, out))
     return y.reshape(*x.shape[:-1], n)
 
@@ -268,7 +268,7 @@ def int4_run(x: torch.Tensor, st: dict) -> torch.Tensor:
 _scratch = threading.local()
 
 
-def _blocked_mm(x2: torch.Tensor, n: int, dequant) -> torch.Tensor:
+def blocked_mm(x2: torch.Tensor, n: int, dequant) -> torch.Tensor:
     """x2 @ W^T for many rows in the avx2 build: compute-bound, so the weight read is
     amortized and PyTorch's bf16 GEMM does the work on ~2 MB blocks of W that
     `dequant(r0, r1, scratch)` writes as bf16 rows (at least r0..r1) into one reused,
@@ -328,5 +328,5 @@ def int8_run(x: torch.Tensor, st: dict) -> torch.Tensor:
     elif isa() == "avx512":
         y = module().int8_mm_prefill(x2, st["w"], st["scale"], amx())
     else:  # the fp32 kernel converts every code once per row: 10x a bf16 GEMM at 128 rows (the head)
-        y = _blocked_mm(x2, st["n"], lambda r0, r1, out: module().int8_dequant(st["w"], st["scale"], r0, r1, out))
+        y = blocked_mm(x2, st["n"], lambda r0, r1, out: module().int8_dequant(st["w"], st["scale"], r0, r1, out))
     return y.reshape(*x.shape[:-1], st["n"])
