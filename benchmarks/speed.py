@@ -51,7 +51,7 @@ from lowbit.models import load_float  # noqa: E402
 from lowbit.models.load import embedded_gguf  # noqa: E402
 from lowbit.runtime.kernels import native  # noqa: E402
 
-A8 = "q4_0 +int8 lm_head, int8 activations"
+Q4, A8 = "q4_0 +int8 lm_head", "q4_0 +int8 lm_head, int8 activations"
 
 
 def main():
@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--out", default="results/speed.json")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds of every variant and llama.cpp file")
+    ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds of every variant and llama.cpp file")
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                     help="skip llama.cpp (its tools are built on first use, ~8 minutes)")
     args = ap.parse_args()
@@ -69,7 +69,7 @@ def main():
     float_model, tok = load_float("smollm2-135m")
     models = speed_variants("smollm2-135m", ["q4_0", "w4a16-g64", "w8a16"], lm_head="int8")
     tmp = tempfile.mkdtemp()
-    files = llama_cpp_files(float_model, models["q4_0 +int8 lm_head"], tmp) if args.llama_cpp else {}
+    files = llama_cpp_files(float_model, models[Q4], tmp) if args.llama_cpp else {}
     # llama.cpp in lowbit's rounds (one llama-bench repetition per round, as lowbit's one
     # generate): a host that drifts moves both figures of a round together
     peers = {f"llama.cpp {n}": partial(llamacpp.bench, f, gen=args.tokens, reps=1, threads=args.threads)
@@ -77,8 +77,12 @@ def main():
     env = {}
     with environment({"LOWBIT_GEMV_ACT": "int8"}):
         if native.gemv_act_int8():
-            models[A8] = models["q4_0 +int8 lm_head"]  # the same model, timed with int8 activations
+            models[A8] = models[Q4]  # the same model, timed with int8 activations
             env[A8] = {"LOWBIT_GEMV_ACT": "int8"}
+    # lowbit's q4_0 last and llama.cpp's Q4_0 first: each round runs the two sides of the
+    # headline ratio back to back (this host's speed moves by 20% within a minute)
+    models = {**{n: m for n, m in models.items() if n != Q4}, Q4: models[Q4]}
+    peers = dict(sorted(peers.items(), key=lambda kv: not kv[0].endswith("Q4_0")))
     e2e = end_to_end(models, tok, new_tokens=args.tokens, prompt_lens=(32, 128), rounds=args.rounds, env=env,
                      peers=peers)
     llama = {n: e2e.pop(n) for n in peers}
@@ -130,7 +134,7 @@ def vs_llama_cpp(variants: dict, llama: dict) -> dict:
     prefill at 128, round by round (bench.ratio_by_round)."""
     ref = llama["llama.cpp Q4_0"]
     return {f"{n} / llama.cpp Q4_0 {what}": ratio_by_round(variants[n][f"{key}_rounds"], ref[f"{key}_rounds"])
-            for n in ("q4_0 +int8 lm_head", A8) if n in variants
+            for n in (Q4, A8) if n in variants
             for what, key in (("decode", "decode_tokens_per_s"), ("prefill 128", "prefill_tokens_per_s"))}
 
 
