@@ -96,6 +96,10 @@ def main():
         "host": host_info(), "threads": torch.get_num_threads(), "roof_gb_per_s": roof, "read_roof_gb_per_s": read_roof,
         "cold_bytes": cold_bytes(), "variants": e2e,
         "llama_cpp": {"sdist": llamacpp.SDIST, "engines": llama, "vs_lowbit": vs_llama_cpp(e2e, llama)} if llama else None,
+        "q4_0_vs_float": {  # the issue's bars, round by round: decode >= 3x fp32, 4-bit prefill >= bf16's
+            "decode / fp32": ratio_by_round(e2e[Q4]["decode_tokens_per_s_rounds"], e2e["fp32"]["decode_tokens_per_s_rounds"]),
+            "prefill 128 / bf16": ratio_by_round(e2e[Q4]["prefill_tokens_per_s_rounds"],
+                                                 e2e["bf16"]["prefill_tokens_per_s_rounds"])},
         "gemv": gemv_bench(stack, read_roof, batch=1, group_size=128),
         "gemm_prefill": [r for b in (32, 128) for r in gemv_bench(stack, read_roof, batch=b, group_size=128,
                                                                    variants=["fp32", "bf16", "fp16", "int4pack", "int8pack", "lowbit"])],
@@ -108,6 +112,8 @@ def main():
     for g in res["gemm_prefill"]:
         print(f"{g['variant'] + ' ' + 'x'.join(map(str, g['shape'])):44s} {g['batch']:5d} {g['us_per_call']:9.1f} "
               f"{g['gb_per_s']:7.1f}", file=sys.stderr)
+    for n, r in res["q4_0_vs_float"].items():
+        print(f"lowbit q4_0 {n}: {r['median']:.2f}x (rounds {', '.join(f'{x:.2f}' for x in r['by_round'])})", file=sys.stderr)
     if llama:
         print("\n" + format_peer(res), file=sys.stderr)
     print(json.dumps(res, indent=1))
