@@ -81,8 +81,8 @@ def test_end_to_end_times_peers_in_the_same_rounds(embedded):
     tiny.register_forward_pre_hook(lambda *_: order.append("model"))
     out = end_to_end({"tiny": tiny}, tok, new_tokens=3, prompt_lens=(4,), rounds=3, peers={"peer": peer})
     assert order.count("peer") == 3 and order[-1] == "peer"  # one call per round, after the model's
-    between = [order.index("peer", i) for i in range(len(order)) if order[i] == "peer"]
-    assert all(order[a + 1] == "model" for a in between[:-1])  # the model ran again between them
+    peer_at = [i for i, who in enumerate(order) if who == "peer"]
+    assert all(order[i + 1] == "model" for i in peer_at[:-1])  # the model ran again between them
     assert out["peer"] == {"decode_tokens_per_s": 20.0, "decode_tokens_per_s_rounds": [10.0, 30.0, 20.0],
                            "prefill_tokens_per_s": 5.0, "prefill_tokens_per_s_rounds": [5.0] * 3}
     t = out["tiny"]

@@ -67,7 +67,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
 
         cache = cache_kwargs(model, StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens))
 
-        def step(ids, pos):
+        def step(ids, pos):  # cache: {"cache" or "past_key_values": the StaticCache}
             out = model(input_ids=ids, **cache, use_cache=True,
                         cache_position=torch.arange(pos, pos + ids.shape[1]))
             return out.logits[:, -1:].argmax(-1)
