@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from lowbit.analysis.collect import linear_kind
 from lowbit.core.qparams import fake_quantize
 from lowbit.core.scheme import Scheme, fitting
-from lowbit.evaluate.quality import kl_and_agreement, next_token_logprobs
+from lowbit.evaluate.quality import next_token_logprobs
 from lowbit.models.adapters import decoder_layers, final_norm, is_linear, linear_weight, set_linear_weight
 from lowbit.quantization.runner import BlockInputs
 
@@ -87,6 +87,7 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, scheme: str = "w3
     base = _logprobs(model, windows, batch_size)
     targets = windows[:, 1:].unsqueeze(-1)
     base_nll = float(-base.gather(-1, targets).mean())
+    base_p = base.exp()
     tail = _Tail(model, windows, batch_size) if final_norm(model) is not None else None
     if tail is not None and not torch.allclose(tail.logprobs(0), base, atol=1e-4, rtol=1e-4):
         tail = None  # a head this shortcut does not model (softcapping, projections): full forwards
@@ -101,7 +102,7 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, scheme: str = "w3
             lp = tail.logprobs(block_of[name]) if tail is not None else _logprobs(model, windows, batch_size)
         finally:
             set_linear_weight(mod, w)
-        kl = kl_and_agreement(base, lp)[0] / base[..., 0].numel()
+        kl = float((base_p * (base - lp)).sum(-1).mean())
         nll = float(-lp.gather(-1, targets).mean())
         rows.append({"name": name, "kind": linear_kind(name), "kl": kl, "delta_nll": nll - base_nll})
     return rows

@@ -40,10 +40,12 @@ def next_token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def kl_and_agreement(base: torch.Tensor, lp: torch.Tensor) -> tuple[float, int]:
+def kl_and_agreement(base: torch.Tensor, lp: torch.Tensor, base_p: torch.Tensor | None = None) -> tuple[float, int]:
     """Log-probs `lp` against the baseline's `base` (vocabulary last), summed over every
-    position: KL(P_base || P), and the number of positions whose top-1 tokens agree."""
-    return float((base.exp() * (base - lp)).sum()), int((lp.argmax(-1) == base.argmax(-1)).sum())
+    position: KL(P_base || P), and the number of positions whose top-1 tokens agree.
+    `base_p`: base.exp(), where one baseline scores several models."""
+    base_p = base.exp() if base_p is None else base_p
+    return float((base_p * (base - lp)).sum()), int((lp.argmax(-1) == base.argmax(-1)).sum())
 
 
 @torch.no_grad()
@@ -54,6 +56,7 @@ def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, baseline:
     for batch in tqdm(windows.split(batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
         targets = batch[:, 1:]
         base = next_token_logprobs(baseline, batch) if baseline is not None else None
+        base_p = base.exp() if base is not None else None
         for name, model in models.items():
             t = time.time()
             lp = base if model is baseline else next_token_logprobs(model, batch)
@@ -62,6 +65,6 @@ def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, baseline:
             acc.nll += float(-lp.gather(-1, targets.unsqueeze(-1)).sum())
             acc.tokens += targets.numel()
             if base is not None:
-                kl, agree = kl_and_agreement(base, lp)
+                kl, agree = kl_and_agreement(base, lp, base_p)
                 acc.kl, acc.agree = acc.kl + kl, acc.agree + agree
     return {name: acc.result(baseline is not None) for name, acc in accs.items()}
