@@ -111,7 +111,7 @@ def test_decoder_refusals(embedded):
 
 @pytest.mark.parametrize("family,scheme,gemv_act", [("llama", "w4a16-g32", "bf16"), ("qwen2", "w4a16-g64-asym", "bf16"),
                                                     ("qwen3", "w8a16", "bf16"), ("mistral", None, "bf16"),
-                                                    ("llama-odd", None, "bf16"),
+                                                    ("llama-odd", None, "bf16"), ("llama-wide", "w8a16", "bf16"),
                                                     ("llama", "w4a16-g32", "int8"), ("qwen2", "w4a16-g64-asym", "int8"),
                                                     ("qwen3", "w8a16", "int8")])
 def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monkeypatch):
@@ -119,9 +119,11 @@ def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monk
     the same bf16 model: int4 (symmetric, affine), int8 and dense bf16 projections, q/k/v
     biases, q/k norms, on each kernel build, and with the GEMVs' int8 activations
     (LOWBIT_GEMV_ACT=int8, avx512 build), which the step and the loop must both take. Only
-    fp32 summation order differs, so bf16 roundings rarely flip."""
+    fp32 summation order differs, so bf16 roundings rarely flip. llama-wide: an int8 down_proj
+    wider than lowbit's int8 GEMV is fast on, which the step hands to int8pack as QuantLinear does."""
     import transformers
 
+    from lowbit.runtime.decode import _native_proj
     from lowbit.runtime.kernels import native
 
     if gemv_act == "int8" and native_isa != "avx512":
@@ -132,9 +134,10 @@ def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monk
     # llama-odd: widths that are not multiples of the step's 8-wide loops (their scalar tails)
     extra = {"qwen3": {"head_dim": 32}, "mistral": {"sliding_window": None},
              "llama-odd": {"hidden_size": 44, "intermediate_size": 100, "num_attention_heads": 2,
-                           "num_key_value_heads": 1}}.get(family, {})
+                           "num_key_value_heads": 1},
+             "llama-wide": {"intermediate_size": native.int8_gemv_max_k() + 64}}.get(family, {})
     torch.manual_seed(0)
-    name = {"llama": "Llama", "llama-odd": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}.get(family, "Llama")
     model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**{**cfg, **extra})).eval()
     for p in model.parameters():
         if p.dim() == 1:
@@ -144,6 +147,10 @@ def test_native_step_matches_the_loop(family, scheme, gemv_act, native_isa, monk
     model = model.to(torch.bfloat16)
     fast, loop = Decoder(model, 24), Decoder(model, 24, native=False)
     assert fast.step is not None and loop.step is None
+    if family == "llama-wide":
+        mlp = model.model.layers[0].mlp
+        kernels = [_native_proj(native.module(), m).kernel for m in (mlp.up_proj, mlp.down_proj)]
+        assert kernels == ["lowbit-int8", "int8pack"]
     assert native.gemv_act_int8() == (gemv_act == "int8")
     ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
     a = torch.stack([fast.forward(i) for i in ids[0, :, None]]).float()

@@ -95,7 +95,7 @@ def _native_proj(mod, linear: nn.Module):
             return mod.proj_int4(st["codes"], st["scale"], st["zero"], st["n"], linear.in_features, st["group"],
                                  st["mode"], st["zconst"], bias, native.gemv_act_int8())
         if kernel is not None and kernel.name == "lowbit-int8":
-            return mod.proj_int8(st["w"], st["scale"], bias, native.gemv_act_int8())
+            return mod.proj_int8(st["w"], st["scale"], bias, native.gemv_act_int8(), st.get("scale_act"))
         return None
     if type(linear) is nn.Linear and linear.weight.dtype == torch.bfloat16:
         return mod.proj_dense(linear.weight.detach(), bias)

@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -64,6 +66,15 @@ struct Proj {
   double zconst = 0;
   bool act_int8 = false;  // int4/int8: activations rounded to int8 blocks (lowbit_cpu.h: *_gemm_a8)
   torch::Tensor codes, scale, zero, weight, bias;  // int4: codes/scale/zero; int8: weight/scale; dense: weight
+  // int8 on bf16 activations, where defined: PyTorch's int8pack on these bf16 scales, as
+  // QuantLinear dispatches rows wider than lowbit's int8 GEMV is fast on (native.int8_prepare)
+  torch::Tensor scale_act;
+
+  std::string kernel() const {
+    if (kind == PROJ_INT4) return act_int8 ? "lowbit-int4 a8" : "lowbit-int4";
+    if (kind == PROJ_INT8) return act_int8 ? "lowbit-int8 a8" : scale_act.defined() ? "int8pack" : "lowbit-int8";
+    return "dense";
+  }
 
   // Rows [r0, r1) of y = W x (r0 a multiple of the int4 tile; r1 too, or n): the kernels on the
   // rows' slice of W, called from inside a parallel region, so they run on the calling thread.
@@ -89,6 +100,14 @@ struct Proj {
       at::matmul_out(out, xt, weight.narrow(0, r0, r1 - r0).t());
     }
   }
+  // int8pack: the call QuantLinear makes, on the whole weight (it splits the rows over the
+  // threads itself). x is copied into a tensor of PyTorch's own, as its kernel loads x with
+  // aligned 32-byte moves (the step's buffers are 16-byte aligned: a segfault).
+  bool packed() const { return kind == PROJ_INT8 && scale_act.defined(); }
+  void run_packed(const bf16* x, bf16* y) const {
+    auto xt = torch::from_blob(const_cast<bf16*>(x), {1, k}, torch::kBFloat16).clone();
+    std::memcpy(y, at::_weight_int8pack_mm(xt, weight, scale_act).data_ptr<bf16>(), n * sizeof(bf16));
+  }
   void add_bias(bf16* y) const {
     if (!bias.defined()) return;
     add_into(y, bias.data_ptr<bf16>(), n);
@@ -98,10 +117,18 @@ struct Proj {
 // Projections of one input (q/k/v; gate/up; or one alone) as one parallel region over their
 // rows laid end to end, in tiles of 4 rows: one fork and join where there were three, each a few
 // microseconds beside GEMVs of 10-30 us at the embedded model's size.
-void run_all(std::initializer_list<std::pair<const Proj*, bf16*>> projs, const bf16* x, float* xp) {
+void run_all(std::initializer_list<std::pair<const Proj*, bf16*>> all, const bf16* x, float* xp) {
+  TORCH_CHECK(all.size() <= 3, "run_all: at most three projections of one input");
+  std::pair<const Proj*, bf16*> projs[3];  // all but the packed ones
+  int np = 0;
   int64_t tiles = 0, k = 0;
   bool int8_x = false;
-  for (const auto& [p, y] : projs) {
+  for (const auto& [p, y] : all) {
+    if (p->packed()) {
+      p->run_packed(x, y);
+      continue;
+    }
+    projs[np++] = {p, y};
     tiles += (p->n + TILE - 1) / TILE;
     k = p->k;
     int8_x |= p->kind == PROJ_INT8 && !p->act_int8;
@@ -109,14 +136,15 @@ void run_all(std::initializer_list<std::pair<const Proj*, bf16*>> projs, const b
   if (int8_x) lowbit::int8_prepare_x(x, 1, k, xp);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     int64_t first = 0;  // the first tile of the current projection
-    for (const auto& [p, y] : projs) {
+    for (int i = 0; i < np; ++i) {
+      const auto& [p, y] = projs[i];
       const int64_t n_tiles = (p->n + TILE - 1) / TILE;
       const int64_t a = std::max(t0, first) - first, b = std::min(t1, first + n_tiles) - first;
       if (a < b) p->run_rows(x, y, xp, TILE * a, std::min(TILE * b, p->n));
       first += n_tiles;
     }
   });
-  for (const auto& [p, y] : projs) p->add_bias(y);
+  for (const auto& [p, y] : all) p->add_bias(y);
 }
 
 torch::Tensor bf16_bias(const c10::optional<torch::Tensor>& bias) {
@@ -135,12 +163,15 @@ Proj make_int4(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int
   return p;
 }
 
-Proj make_int8(torch::Tensor weight, torch::Tensor scale, c10::optional<torch::Tensor> bias, bool act_int8) {
+Proj make_int8(torch::Tensor weight, torch::Tensor scale, c10::optional<torch::Tensor> bias, bool act_int8,
+               c10::optional<torch::Tensor> scale_act) {
   TORCH_CHECK(weight.dtype() == torch::kInt8 && weight.is_contiguous() && scale.dtype() == torch::kFloat, "int8 weight");
+  TORCH_CHECK(!scale_act || scale_act->dtype() == torch::kBFloat16, "int8pack scales: bf16");
   lowbit::check_act_int8(act_int8);
   Proj p;
   p.kind = PROJ_INT8, p.weight = weight, p.scale = scale, p.n = weight.size(0), p.k = weight.size(1);
   p.act_int8 = act_int8;
+  if (scale_act && !act_int8) p.scale_act = scale_act->contiguous();
   p.bias = bf16_bias(bias);
   return p;
 }
@@ -456,7 +487,7 @@ int64_t argmax(const torch::Tensor& t) {
 
 void lowbit_register_decode(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<Proj>(m, "Proj");
+  py::class_<Proj>(m, "Proj").def_property_readonly("kernel", &Proj::kernel);
   py::class_<Norm>(m, "Norm").def(py::init([](c10::optional<torch::Tensor> w, double eps) {
     Norm n;
     if (w) {
