@@ -2,7 +2,7 @@
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <xmmintrin.h>
+#include <emmintrin.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -22,15 +22,24 @@ inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
 }
 
-// sum of x over each group, fp32: the zero-point term multiplies it.
+// sum of x over each group (g a multiple of 32), fp32: the zero-point term multiplies it.
+// Eight lanes in two SSE registers: a scalar sum was one add chain, ~2 us per 3072 columns,
+// paid by every int4 GEMV call (7 per layer and token).
 inline void group_sums(const c10::BFloat16* x, int64_t m, int64_t k, int64_t g, float* sx) {
   const int64_t G = k / g;
+  const __m128i zero = _mm_setzero_si128();
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < G; ++j) {
-      float s = 0.f;
       const c10::BFloat16* p = x + i * k + j * g;
-      for (int64_t c = 0; c < g; ++c) s += static_cast<float>(p[c]);
-      sx[i * G + j] = s;
+      __m128 a = _mm_setzero_ps(), b = _mm_setzero_ps();
+      for (int64_t c = 0; c < g; c += 8) {  // bf16 -> fp32: the 16 bits above 16 zero bits
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c));
+        a = _mm_add_ps(a, _mm_castsi128_ps(_mm_unpacklo_epi16(zero, v)));
+        b = _mm_add_ps(b, _mm_castsi128_ps(_mm_unpackhi_epi16(zero, v)));
+      }
+      a = _mm_add_ps(a, b);
+      a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+      sx[i * G + j] = _mm_cvtss_f32(_mm_add_ss(a, _mm_shuffle_ps(a, a, 1)));
     }
 }
 
