@@ -154,8 +154,9 @@ def main():
         json.dump(res, f, indent=1)
     for n, r in rows.items():
         print(f"lowbit {n:24s} {r['decode_tokens_per_s']:7.2f} tok/s  {r['bytes_per_token'] / 1e9:5.2f} GB/token  "
-              f"{r['read_gb_per_s']:5.1f} GB/s = {r['percent_of_read_roof']:.0f}% of the read roof "
-              f"({read_roof:.1f} GB/s), median {r['percent_of_round_roof']:.0f}% of its round's", file=sys.stderr)
+              f"{r['read_gb_per_s']:5.1f} GB/s = {r['percent_of_read_roof']:.0f}% of the read roof ({read_roof:.1f} GB/s)"
+              + (f", median {r['percent_of_round_roof']:.0f}% of its round's" if "percent_of_round_roof" in r else ""),
+              file=sys.stderr)
     print(f"llama.cpp Q4_0 (lowbit's file)  {peer['decode_tokens_per_s']:.2f} tok/s "
           f"(rounds {', '.join(f'{x:.2f}' for x in peer['decode_tokens_per_s_rounds'])}); "
           f"lowbit q4_0 / fp32 {res['q4_0_vs_fp32']:.2f}x", file=sys.stderr)
