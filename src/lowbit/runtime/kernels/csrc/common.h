@@ -1,4 +1,5 @@
-// Helpers every ISA's kernels share (avx512.cpp, avx2.cpp): nothing here needs more than SSE.
+// Helpers every ISA's kernels share (avx512.cpp, avx2.cpp): nothing here needs more than SSE2,
+// which every x86-64 CPU has.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
