@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def main():
         "gemv": gemv_bench(stack, read_roof, batch=1, group_size=128),
         "gemm_prefill": [r for b in (32, 128) for r in gemv_bench(stack, read_roof, batch=b, group_size=128,
                                                                    variants=["fp32", "bf16", "fp16", "int4pack", "int8pack", "lowbit"])],
+        "measured_at": time.strftime("%Y-%m-%d %H:%M"),  # when the run ended, as bandwidth.py's
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
