@@ -133,7 +133,7 @@ def main():
             nbytes = weight_bytes(models[name])
             rows[name].update(bytes_per_token=nbytes, native_step=runs[-1]["native_step"],
                               # each round's rate over the roof read just before it (the host's
-                              # bandwidth flips between ~30 and ~50 GB/s within seconds)
+                              # bandwidth flips between ~30 and ~65 GB/s within seconds)
                               percent_of_round_roof=statistics.median(
                                   100 * t * nbytes / 1e9 / r for t, r in zip(per_round, roofs, strict=True)))
     peer = rows.pop(LLAMA)
