@@ -81,6 +81,17 @@ LB_INLINE void row_prologue(const S* scale, const void* zp, float zconst, int64_
   }
 }
 
+// The int4 GEMVs' weight prefetch for rows of k columns. Past 4096 columns a tile (2 bytes per
+// column) and x (2 more; int8 x: 1) no longer fit in the 32 KiB L1D together, so x missed L1 on
+// every tile, and those misses took the line-fill slots the weight stream needed: there the
+// weights go into L2 only, twice as far ahead. Cold int4-g32 3072x8192 / 1536x16384 /
+// 4096x14336: 26.6 / 24.5 / 23.5 -> 31.9 / 33.6 / 32.7 GB/s on bf16 activations, 23.5 / 29.2 /
+// 27.3 -> 25.3 / 37.3 / 36.7 on int8 ones (Zen 4); narrower rows lost ~10% so (x stays in L1).
+LB_INLINE void prefetch_weights(const uint8_t* p, int64_t k) {
+  if (k > 4096) prefetch_ahead_l2(p);
+  else prefetch_ahead(p);
+}
+
 // (v & 0xF) | 0x4300 per 16-bit lane: bf16 (128 + nibble).
 LB_INLINE __m512bh nibbles(__m512i v, __m512i low4, __m512i magic) {
   return (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
@@ -188,17 +199,10 @@ void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst
     else  // the accumulators start at the zero terms
       row_prologue<M, S, ZMODE>(scale, zp, zconst, r + rr, G, sx, sbuf + rr * G, nullptr, t.acc[rr]);
   t.left = spg;
-  // Past 4096 columns a tile (2 bytes per column) and x (2 more) no longer fit in the 32 KiB L1D
-  // together, so x missed L1 on every tile, and those misses took the line-fill slots the weight
-  // stream needed: there the weights are prefetched into L2 only, twice as far ahead. Cold
-  // int4-g32 3072x8192 / 1536x16384 / 4096x14336: 26.6 / 24.5 / 23.5 -> 31.9 / 33.6 / 32.7 GB/s
-  // (Zen 4); narrower rows lost ~10% so (x stays in L1 there).
-  const bool wide = k > 4096;
   for (int64_t c = 0; c < nc; ++c) {
     __m512i wv[TILE];
     for (int rr = 0; rr < TILE; ++rr) {
-      if (wide) prefetch_ahead_l2(tile + (c * TILE + rr) * 64);
-      else prefetch_ahead(tile + (c * TILE + rr) * 64);
+      prefetch_weights(tile + (c * TILE + rr) * 64, k);
       wv[rr] = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
     }
     if (spg == 1) {
@@ -332,8 +336,7 @@ void int4_tile_a8(const uint8_t* tile, const S* scale, const void* zp, float zco
 #pragma GCC unroll 4  // the accumulators stay in registers only if every index is a constant
     for (int rr = 0; rr < TILE; ++rr) {
       const uint8_t* p = tile + (c * TILE + rr) * 64;
-      if (k > 4096) prefetch_ahead_l2(p);  // as int4_tile; cold 4096x14336 27.3 -> 36.7 GB/s
-      else prefetch_ahead(p);
+      prefetch_weights(p, k);
       const __m512i wv = _mm512_loadu_si512(p);
       const __m512i lo = _mm512_shuffle_epi8(_mm512_and_si512(wv, low4), evens_first);
       const __m512i hi = _mm512_shuffle_epi8(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low4), evens_first);
