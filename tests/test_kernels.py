@@ -19,6 +19,8 @@ CASES = [
     ("int8-channel", (24, 4160)),    # wider than native.int8_gemv_max_k(): lowbit-int8's bf16 GEMV is int8pack's
     # lowbit-int4 only: rows not a multiple of its 4-row tiles, groups of 96/192, a 64-column tail
     ("int4-g96", (36, 576)), ("int4-g192-asym", (30, 576)), ("int4-channel", (6, 576)), ("int4-g32", (5, 704)),
+    # the avx512 layout's 512-column blocks with one group across a block, and two
+    ("int4-channel", (8, 512)), ("int4-g256-asym", (40, 1536)),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -168,7 +170,8 @@ AVX512_ONLY = pytest.mark.skipif(not NATIVE or not native.runs("avx512"), reason
                                         ("int4-g32-asym", (576, 1536)), ("int4-channel", (6, 576)),
                                         ("int4-g96", (36, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
                                         ("q4_0", (40, 576)), ("q4_1", (40, 576)), ("int8-channel", (192, 576)),
-                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096))])
+                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096)),
+                                        ("int4-channel", (8, 512)), ("int4-g256-asym", (40, 1536))])
 def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
     _check_int8_activations(name, shape, (1, 2, 3), monkeypatch)
 
@@ -177,7 +180,8 @@ def test_int8_activation_gemv_computes_dequant_w_times_rounded_x(name, shape, mo
 @pytest.mark.parametrize("name,shape", [("int4-g32", (5, 704)), ("int4-g64-asym", (100, 1536)), ("q4_0", (40, 576)),
                                         ("q4_1", (40, 576)), ("int4-g128", (64, 512)), ("int4-channel", (6, 576)),
                                         ("int4-g96", (37, 576)), ("int3-g64-asym", (192, 512)), ("q4_k", (40, 512)),
-                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096))])
+                                        ("int8-channel", (70, 704)), ("int8-channel", (24, 4096)),
+                                        ("int4-channel", (8, 512)), ("int4-g256-asym", (40, 1536))])
 def test_int8_activation_prefill_computes_dequant_w_times_rounded_x(name, shape, monkeypatch):
     # many rows (vnni_gemm.cpp): 32-row weight panels with a short last one (and a last half
     # past n), 6-row activation blocks and their tails, every zero-term mode, groups of 32 to a
@@ -214,7 +218,8 @@ def test_gemv_activation_setting_is_checked(monkeypatch):
 
 
 PREFILL_CASES = [("int4-g64", (192, 576)), ("int4-g32-asym", (1000, 576)), ("int4-g64-asym", (100, 1536)),
-                 ("int4-g32", (5, 704)), ("int4-g96", (37, 576)), ("int8-channel", (1000, 576))]
+                 ("int4-g32", (5, 704)), ("int4-g96", (37, 576)), ("int8-channel", (1000, 576)),
+                 ("int4-g256-asym", (40, 1536))]
 
 
 def _prefill_check(name, shape, rows=(17, 40, 128)):

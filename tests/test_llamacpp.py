@@ -168,9 +168,12 @@ def test_imatrix_files_go_both_ways(embedded, eval_text, tmp_path):
     assert set(theirs) == set(linears)
 
     sums = {n: [torch.zeros(linear_weight(m).shape[1], dtype=torch.float64), 0] for n, m in linears.items()}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: (sums[n][0].add_((inp[0][0].double() ** 2).sum(0)),
-                                                                  sums[n].__setitem__(1, sums[n][1] + inp[0].shape[1])))
-             for n, m in linears.items()]
+
+    def record(mod, inp, out, n):  # (returns None: a hook's return value would replace the output)
+        sums[n][0].add_((inp[0][0].double() ** 2).sum(0))
+        sums[n][1] += inp[0].shape[1]
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: record(mod, inp, out, n)) for n, m in linears.items()]
     ids = tok(eval_text.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :512]
     with torch.no_grad():
         for w in ids.split(128, dim=1):

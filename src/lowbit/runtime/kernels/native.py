@@ -192,14 +192,22 @@ def int4_supports(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device)
 TILE = 4  # weight rows interleaved per tile (csrc/common.h)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+BLOCK = 512  # columns per block of the avx512 build's blocked region (csrc/avx512.cpp)
+
+
+def pack_int4(codes: torch.Tensor, blocks: int = 0) -> torch.Tensor:
     """uint8 codes [n, k] (values < 16) -> the kernel's tiled layout, flat uint8.
 
     Rows are padded to a multiple of 4 and grouped in tiles of 4. Per tile: for each
     128-column chunk, 4 rows x 64 bytes, the row's 16-bit word l = col l | col l+32 << 4 |
     col l+64 << 8 | col l+96 << 12 (little endian); then, if k % 128 == 64, 4 rows x 32
-    bytes, byte j = col j | col j+32 << 4."""
-    k = codes.shape[1]
+    bytes, byte j = col j | col j+32 << 4. Before that, in each of the first `blocks`
+    512-column blocks (the build's `int4_blocks`), column 32 p + 2 t + e moves to
+    32 t + 2 p + e (p, t < 16, e < 2), so that a GEMV's lane p holds columns of run p alone."""
+    n, k = codes.shape
+    if blocks:
+        head = codes[:, :BLOCK * blocks].reshape(n, blocks, 16, 16, 2).transpose(2, 3).reshape(n, BLOCK * blocks)
+        codes = torch.cat([head, codes[:, BLOCK * blocks:]], dim=1)
     c = _pad_rows(codes.to(torch.uint8))
     n_pad = c.shape[0]
     k128 = k - k % 128
@@ -240,9 +248,10 @@ def int4_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
         zero = zero.to(scale.dtype).contiguous()
         if not torch.equal(zero.float(), z):  # offsets not exact in fp16: keep both in fp32
             scale, zero = qt.scales().contiguous(), z.contiguous()
-    return {"codes": pack_int4(qt.unpacked_codes()), "scale": _pad_rows(scale),
+    g = _group_size(qt)
+    return {"codes": pack_int4(qt.unpacked_codes(), module().int4_blocks(qt.shape[1], g)), "scale": _pad_rows(scale),
             "zero": _pad_rows(zero) if mode else zero, "mode": mode, "zconst": zconst,
-            "group": _group_size(qt), "n": qt.shape[0]}
+            "group": g, "n": qt.shape[0]}
 
 
 GEMV_MAX_ROWS = 16     # up to this many activation rows: the fused GEMV kernel (measured crossover ~20)

@@ -242,6 +242,8 @@ LB_INLINE __m256 int8x8(const int8_t* p) {
 
 }  // namespace
 
+int64_t lowbit::int4_blocks(int64_t, int64_t) { return 0; }  // the tiled layout alone
+
 void lowbit::int4_gemm(const at::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
                        bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
                        int64_t group_size, at::BFloat16* y) {

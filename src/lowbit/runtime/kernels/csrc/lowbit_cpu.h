@@ -11,6 +11,10 @@
 
 namespace lowbit {
 
+// How many 512-column blocks at the start of each row this build's int4 layout stores with
+// their column pairs transposed (avx512.cpp: the top of the file; the avx2 build: none).
+int64_t int4_blocks(int64_t k, int64_t group_size);
+
 // y[m, n] = x[m, k] @ W^T, W as 4-bit codes in the tiled layout; scale fp16 (half_scale) or fp32;
 // zero_mode 0: a constant centre (zconst), 1: uint8 zero points, 2: float offsets of the scale's type.
 void int4_gemm(const c10::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale, bool half_scale,

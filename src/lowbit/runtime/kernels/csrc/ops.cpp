@@ -182,6 +182,7 @@ torch::Tensor int8_mm_prefill(torch::Tensor x, torch::Tensor w, torch::Tensor sc
 void lowbit_register_decode(pybind11::module_& m);  // decode_step.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_blocks", &lowbit::int4_blocks, "how many leading 512-column blocks of a row the int4 layout transposes");
   m.def("int4_mm", &int4_mm, "4-bit weight-only matmul, bf16 activations (or rounded to int8 blocks)");
   m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight as bf16");
   m.def("int8_mm", &int8_mm, "int8 per-channel weight-only matmul, bf16 activations (or rounded to int8 blocks)");

@@ -48,9 +48,32 @@ void build_panel(const uint8_t* codes, const S* scale, const void* zp, float zco
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i evens_first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
   auto row = [&](int r) { return t0 + r / TILE < n_tiles ? codes + (t0 + r / TILE) * TILE * (k / 2) : nullptr; };
+  // the blocked region (avx512.cpp): a row's dword r of a chunk's low nibbles holds run r's
+  // columns 8 c + (0, 4, 1, 5) of the chunk (c < 4), the high nibbles' 8 c + (2, 6, 3, 7); swapping
+  // each dword's middle bytes and interleaving words of the two gives the run's two quads in order
+  const int64_t nb = lowbit::int4_blocks(k, g);
+  const __m512i middle_swapped = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15));
   for (int h = 0; h < H; ++h) {  // rows 16 h .. 16 h + 15: register h of each step
     int32_t* out = p.codes.data() + 16 * h;
-    for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t c = 0; c < 4 * nb; ++c) {
+      __m512i u[16], v[16];  // runs 4 l, 4 l + 1 (u) and 4 l + 2, 4 l + 3 (v) of 128-bit lane l, quads A B A B
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* t = row(16 * h + r);
+        const __m512i wv = t ? _mm512_loadu_si512(t + (c * TILE + r % TILE) * 64) : _mm512_setzero_si512();
+        const __m512i lo = _mm512_shuffle_epi8(_mm512_and_si512(wv, low4), middle_swapped);
+        const __m512i hi = _mm512_shuffle_epi8(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low4), middle_swapped);
+        u[r] = _mm512_unpacklo_epi16(lo, hi);
+        v[r] = _mm512_unpackhi_epi16(lo, hi);
+      }
+      transpose16(u);
+      transpose16(v);
+      for (int d = 0; d < 16; ++d) {
+        const int64_t run = 4 * (d / 4) + (d % 4) / 2, quad = 128 * (c / 4) + 8 * run + 2 * (c % 4) + d % 2;
+        _mm512_storeu_si512(out + quad * NR, u[d]);
+        _mm512_storeu_si512(out + (quad + 16) * NR, v[d]);  // runs two further on: 16 quads on
+      }
+    }
+    for (int64_t c = 4 * nb; c < nc; ++c) {
       // a row's 64 bytes (the layout: avx512.cpp): the low nibbles, even bytes first in each 16-byte
       // lane, hold in dword 4 l + j columns 8 l + 4 j (j < 2) or 64 + 8 l + 4 (j - 2); the high
       // nibbles the same columns + 32
