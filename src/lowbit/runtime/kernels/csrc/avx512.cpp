@@ -580,25 +580,30 @@ void lowbit::int4_gemm(const at::BFloat16* x, int64_t m, int64_t k, const uint8_
                        bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
                        int64_t group_size, at::BFloat16* y) {
   const int64_t G = k / group_size, n_tiles = (n + TILE - 1) / TILE, nb = blocks_of(k, group_size);
-  std::vector<float> sx(m * G + 1);  // group sums; with a constant zero point, the chains' start
-  group_sums(x, m, k, group_size, sx.data());
-  std::vector<float> xoff32(nb ? m * k / 32 : 0);  // the blocks' chains' start: each run's offset
-  std::vector<at::BFloat16> xb(nb ? m * k : 0);  // x in the codes' column order
-  if (nb) {
-    if (zero_mode == ZERO_CONST) {
-      group_sums(x, m, k, 32, xoff32.data());
+  // per-call scratch, kept per thread (the decode step calls this per projection and thread)
+  thread_local std::vector<float> sx, xoff32;
+  thread_local std::vector<at::BFloat16> xb;
+  sx.assign(m * G + 1, 0.f);  // group sums; with a constant zero point, the chains' start
+  if (nb) {  // each 32-column run's sum (the blocks' chains start at its offset), group sums from them
+    xoff32.resize(m * k / 32);
+    group_sums(x, m, k, 32, xoff32.data());
+    for (int64_t r = 0; r < m * k / 32; ++r) sx[r / (group_size / 32)] += xoff32[r];
+    if (zero_mode == ZERO_CONST)
       for (float& v : xoff32) v *= -(zconst + 128.f);
-    }
+    xb.resize(m * k);  // x in the codes' column order
     block_order(x, m, k, nb, xb.data());
     x = xb.data();
+  } else {
+    group_sums(x, m, k, group_size, sx.data());
   }
   if (zero_mode == ZERO_CONST)  // (TileAcc; the padding float: the start past the last group)
     for (int64_t j = 0; j < m * G; ++j) sx[j] *= -(zconst + 128.f) / 16.f;
+  const float *sxp = sx.data(), *xop = xoff32.data();  // (the caller's: thread_local names are per thread)
   at::parallel_for(0, n_tiles, 4, [&](int64_t t0, int64_t t1) {
     dispatch(half_scale, zero_mode, [&](auto s, auto z) {
       using S = decltype(s);
-      int4_tiles<S, decltype(z)::value>(m, codes, static_cast<const S*>(scale), zero, zconst, x, sx.data(),
-                                        xoff32.data(), y, n, k, group_size, t0, t1);
+      int4_tiles<S, decltype(z)::value>(m, codes, static_cast<const S*>(scale), zero, zconst, x, sxp, xop, y, n, k,
+                                        group_size, t0, t1);
     });
   });
 }
