@@ -48,9 +48,10 @@ void build_panel(const uint8_t* codes, const S* scale, const void* zp, float zco
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i evens_first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
   auto row = [&](int r) { return t0 + r / TILE < n_tiles ? codes + (t0 + r / TILE) * TILE * (k / 2) : nullptr; };
-  // the blocked region (avx512.cpp): a row's dword r of a chunk's low nibbles holds run r's
-  // columns 8 c + (0, 4, 1, 5) of the chunk (c < 4), the high nibbles' 8 c + (2, 6, 3, 7); swapping
-  // each dword's middle bytes and interleaving words of the two gives the run's two quads in order
+  // the blocked region (avx512.cpp): in chunk c (< 4) of a block, dword p of a row's low nibbles
+  // holds columns 8 c + (0, 4, 1, 5) of the block's run p, the high nibbles' 8 c + (2, 6, 3, 7);
+  // swapping each dword's middle bytes and interleaving the two's words gives the run's two
+  // quads (4 columns in order) side by side
   const int64_t nb = lowbit::int4_blocks(k, g);
   const __m512i middle_swapped = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15));
   for (int h = 0; h < H; ++h) {  // rows 16 h .. 16 h + 15: register h of each step
