@@ -133,6 +133,14 @@ void block_order(const at::BFloat16* x, int64_t m, int64_t k, int64_t nb, at::BF
   }
 }
 
+// 128-column chunk c of a tile's rows (64 bytes each), its rows' prefetches issued
+LB_INLINE void load_chunk(const uint8_t* tile, int64_t c, int64_t k, __m512i* wv) {
+  for (int rr = 0; rr < TILE; ++rr) {
+    prefetch_weights(tile + (c * TILE + rr) * 64, k);
+    wv[rr] = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
+  }
+}
+
 // (v & 0xF) | 0x4300 per 16-bit lane: bf16 (128 + nibble).
 LB_INLINE __m512bh nibbles(__m512i v, __m512i low4, __m512i magic) {
   return (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
@@ -168,13 +176,31 @@ struct TileAcc {
     if constexpr (OFF) return _mm512_set1_ps(xoff[i * G + j]);
     else return _mm512_setzero_ps();
   }
-  LB_INLINE void zero() {
+  // every chain at its start: first(i) for activation row i's first chain, zero for the others
+  template <typename F>
+  LB_INLINE void set_chains(F first) {
     for (int rr = 0; rr < TILE; ++rr)
       for (int i = 0; i < M; ++i) {
-        acc[rr][i] = _mm512_setzero_ps();
-        e[rr][i][0] = start(i);
+        e[rr][i][0] = first(i);
         for (int h = 1; h < CH; ++h) e[rr][i][h] = _mm512_setzero_ps();
       }
+  }
+  LB_INLINE void zero() {
+    for (int rr = 0; rr < TILE; ++rr)
+      for (int i = 0; i < M; ++i) acc[rr][i] = _mm512_setzero_ps();
+    set_chains([&](int i) { return start(i); });
+  }
+  // the chains' sums into acc, scaled by scale_of(rr) (one float per lane)
+  template <typename F>
+  LB_INLINE void fold(F scale_of) {
+    for (int rr = 0; rr < TILE; ++rr) {
+      const __m512 sv = scale_of(rr);
+      for (int i = 0; i < M; ++i) {
+        __m512 t = e[rr][i][0];
+        for (int h = 1; h < CH; ++h) t = _mm512_add_ps(t, e[rr][i][h]);
+        acc[rr][i] = _mm512_fmadd_ps(t, sv, acc[rr][i]);
+      }
+    }
   }
   // sub-chunk s of every row of the tile, against 32 columns of each activation row at x + col
   LB_INLINE void dot(const __m512i* wv, int s, const at::BFloat16* x, int64_t k, int64_t col, __m512i low4,
@@ -201,60 +227,28 @@ struct TileAcc {
     }
     ++j;
   }
-  // The blocked region (the top of the file): per 512-column block, one chain per (row,
-  // activation row) whose lane p sums the block's 32-column run p over all 16 sub-chunks, then
-  // one multiply-add by the runs' scales; OFF chains start at the runs' offsets (xoff32).
+  // The blocked region (the top of the file): per 512-column block, the chains' lane p sums
+  // the block's 32-column run p over all 16 sub-chunks, then one multiply-add by the runs'
+  // scales; OFF chains start at the runs' offsets (xoff32). Then the tail's chains start.
   LB_INLINE void blocks(const uint8_t* tile, int64_t nb, const at::BFloat16* x, int64_t k, int64_t g,
                         const float* xoff32, const float* sbuf, __m512i low4, __m512i magic) {
     const __m512i idx = run_groups(g, 0, 1);
     for (int64_t b = 0; b < nb; ++b) {
-      __m512 c[TILE][M][CH];
-      for (int rr = 0; rr < TILE; ++rr)
-        for (int i = 0; i < M; ++i) {
-          c[rr][i][0] = OFF ? _mm512_loadu_ps(xoff32 + i * (k / 32) + 16 * b) : _mm512_setzero_ps();
-          for (int h = 1; h < CH; ++h) c[rr][i][h] = _mm512_setzero_ps();
-        }
-      for (int64_t cc = 4 * b; cc < 4 * b + 4; ++cc) {
+      set_chains([&](int i) { return OFF ? _mm512_loadu_ps(xoff32 + i * (k / 32) + 16 * b) : _mm512_setzero_ps(); });
+      for (int64_t c = 4 * b; c < 4 * b + 4; ++c) {
         __m512i wv[TILE];
-        for (int rr = 0; rr < TILE; ++rr) {
-          prefetch_weights(tile + (cc * TILE + rr) * 64, k);
-          wv[rr] = _mm512_loadu_si512(tile + (cc * TILE + rr) * 64);
-        }
-        for (int s = 0; s < 4; ++s) {
-          __m512bh xs[M];
-          for (int i = 0; i < M; ++i) xs[i] = ldx(x + i * k + 128 * cc + 32 * s);
-          for (int rr = 0; rr < TILE; ++rr) {
-            const __m512bh v = sub_chunk(wv[rr], s, low4, magic);
-            for (int i = 0; i < M; ++i) c[rr][i][s % CH] = _mm512_dpbf16_ps(c[rr][i][s % CH], v, xs[i]);
-          }
-        }
+        load_chunk(tile, c, k, wv);
+        for (int s = 0; s < 4; ++s) dot(wv, s, x, k, 128 * c + 32 * s, low4, magic);
       }
-      for (int rr = 0; rr < TILE; ++rr) {
-        const __m512 sv = by_run(sbuf + rr * G, g, b, idx);
-        for (int i = 0; i < M; ++i) {
-          __m512 t = c[rr][i][0];
-          for (int h = 1; h < CH; ++h) t = _mm512_add_ps(t, c[rr][i][h]);
-          acc[rr][i] = _mm512_fmadd_ps(t, sv, acc[rr][i]);
-        }
-      }
+      fold([&](int rr) { return by_run(sbuf + rr * G, g, b, idx); });
     }
+    if (nb) set_chains([&](int i) { return start(i); });
   }
   LB_INLINE void step(const float* sbuf, int64_t G, int64_t subs_per_group) {
     if (--left) return;
-    for (int rr = 0; rr < TILE; ++rr) {
-      const __m512 sv = _mm512_set1_ps(sbuf[rr * G + j]);
-      for (int i = 0; i < M; ++i) {
-        __m512 t = e[rr][i][0];
-        for (int h = 1; h < CH; ++h) t = _mm512_add_ps(t, e[rr][i][h]);
-        acc[rr][i] = _mm512_fmadd_ps(t, sv, acc[rr][i]);
-      }
-    }
+    fold([&](int rr) { return _mm512_set1_ps(sbuf[rr * G + j]); });
     ++j;  // past the last group, start() reads sx's padding float
-    for (int rr = 0; rr < TILE; ++rr)
-      for (int i = 0; i < M; ++i) {
-        e[rr][i][0] = start(i);
-        for (int h = 1; h < CH; ++h) e[rr][i][h] = _mm512_setzero_ps();
-      }
+    set_chains([&](int i) { return start(i); });
     left = subs_per_group;
   }
 };
@@ -283,10 +277,7 @@ void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst
   t.left = spg;
   for (int64_t c = 4 * nb; c < nc; ++c) {
     __m512i wv[TILE];
-    for (int rr = 0; rr < TILE; ++rr) {
-      prefetch_weights(tile + (c * TILE + rr) * 64, k);
-      wv[rr] = _mm512_loadu_si512(tile + (c * TILE + rr) * 64);
-    }
+    load_chunk(tile, c, k, wv);
     if (spg == 1) {
       for (int s = 0; s < 4; ++s) t.dot_group32(wv, s, x, k, 128 * c + 32 * s, low4, magic, sbuf, G);
       continue;
