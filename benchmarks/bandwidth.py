@@ -35,7 +35,7 @@ sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sr
 import torch  # noqa: E402
 
 from lowbit.evaluate.bench import environment, ratio_by_round, read_bandwidth, round_robin  # noqa: E402
-from lowbit.evaluate.host import host_info  # noqa: E402
+from lowbit.evaluate.host import host_info, huge_page_bytes  # noqa: E402
 from lowbit.io.interop import llamacpp  # noqa: E402
 from lowbit.runtime.kernels import native  # noqa: E402
 
@@ -122,6 +122,9 @@ def main():
         for name in (Q4, A8, G64):  # warm-up: the first call builds the C++ step
             if name in tasks:
                 tasks[name]()
+        huge = huge_page_bytes()  # the kernels' weight copies (both models) on 2 MiB pages
+        print(f"on 2 MiB pages: {(huge or 0) / 1e9:.2f} GB of {(weight_bytes(model) + weight_bytes(g64)) / 1e9:.2f} GB "
+              f"of weights (THP {host_info()['transparent_hugepage']})", file=sys.stderr)
         got = round_robin(tasks, args.rounds)
         gguf_bytes = gguf.stat().st_size
     roofs = got.pop("read roof")
@@ -143,6 +146,7 @@ def main():
     versus = {n: ratio_by_round(rows[n]["decode_tokens_per_s_rounds"], peer["decode_tokens_per_s_rounds"])
               for n in (Q4, A8, G64) if n in rows}
     res = {"host": host_info(), "threads": args.threads, "shape": SHAPE, "params": params,
+           "huge_page_bytes": huge, "kernel_weight_bytes": weight_bytes(model) + weight_bytes(g64),
            "read_roof_gb_per_s": read_roof, "read_roofs_by_round": roofs, "variants": rows,
            "llama_cpp": {"sdist": llamacpp.SDIST, "file": "lowbit's Q4_0 export (head Q8_0)", "file_bytes": gguf_bytes,
                          **peer},

@@ -264,6 +264,27 @@ def test_prefill_without_amx_splits_long_rows(name, k, native_isa, monkeypatch):
     _prefill_check(name, (40, k), rows=(300,))
 
 
+@pytest.mark.parametrize("native_isa", list(native.BUILDS), indirect=True)
+@pytest.mark.parametrize("name,shape", [("int4-g32", (4096, 1024)), ("int8-channel", (2048, 1024))])
+def test_weights_of_2_mib_and_up_are_kept_on_2_mib_aligned_copies(name, shape, native_isa):
+    # what a GEMV streams every token goes on memory advised for huge pages (csrc/ops.cpp
+    # huge_page_copy): aligned to 2 MiB, the same bytes, and the kernels read it as before
+    torch.manual_seed(0)
+    qt = quantize_tensor(torch.randn(shape) * 0.05, name)
+    kernel = select(qt, torch.bfloat16, torch.device("cpu"))
+    st = kernel.prepare(qt, torch.bfloat16)
+    w = st["codes" if name.startswith("int4") else "w"]
+    assert w.nbytes >= 2 << 20 and w.data_ptr() % (2 << 20) == 0
+    if name.startswith("int4"):
+        assert torch.equal(w, native.pack_int4(qt.unpacked_codes(), native.module().int4_blocks(shape[1], 32)))
+    small = torch.arange(64, dtype=torch.uint8)
+    assert native.on_huge_pages(small).data_ptr() == small.data_ptr()  # under 2 MiB: as it was
+    x = torch.randn(3, shape[1])
+    ref = x.double() @ qt.dequantize().double().t()
+    y = kernel.run(x.bfloat16(), st).double()
+    assert ((y - ref).abs() <= 2e-2 * (x.abs().double() @ qt.dequantize().abs().double().t()) + 1e-6).all()
+
+
 def test_fp32_int4_is_exact():
     torch.manual_seed(1)
     qt = quantize_tensor(torch.randn(64, 576), "int3-g64-asym")

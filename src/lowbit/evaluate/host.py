@@ -48,7 +48,28 @@ def host_info() -> dict:
     return {"cpu": info.get("model name", platform.processor() or platform.machine()),
             "isa": [f for f in ISA if f in flags], "caches": cache_sizes(),
             "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),
-            "lowbit_kernels": _kernels()}
+            "transparent_hugepage": transparent_hugepage(), "lowbit_kernels": _kernels()}
+
+
+def transparent_hugepage() -> str | None:
+    """Linux's THP mode ("always", "madvise", "never"): whether the kernels' weight copies
+    (native.on_huge_pages) get 2 MiB pages; None where the OS does not say."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's anonymous memory on transparent huge pages (None off Linux)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _kernels() -> dict:

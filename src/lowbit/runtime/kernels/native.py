@@ -249,9 +249,15 @@ def int4_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
         if not torch.equal(zero.float(), z):  # offsets not exact in fp16: keep both in fp32
             scale, zero = qt.scales().contiguous(), z.contiguous()
     g = _group_size(qt)
-    return {"codes": pack_int4(qt.unpacked_codes(), module().int4_blocks(qt.shape[1], g)), "scale": _pad_rows(scale),
-            "zero": _pad_rows(zero) if mode else zero, "mode": mode, "zconst": zconst,
-            "group": g, "n": qt.shape[0]}
+    return {"codes": on_huge_pages(pack_int4(qt.unpacked_codes(), module().int4_blocks(qt.shape[1], g))),
+            "scale": on_huge_pages(_pad_rows(scale)), "zero": on_huge_pages(_pad_rows(zero)) if mode else zero,
+            "mode": mode, "zconst": zconst, "group": g, "n": qt.shape[0]}
+
+
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """t as the kernels keep what a GEMV reads once per token: from 2 MiB up, a copy on 2 MiB
+    pages where the OS grants them (csrc/ops.cpp huge_page_copy)."""
+    return module().huge_page_copy(t)
 
 
 GEMV_MAX_ROWS = 16     # up to this many activation rows: the fused GEMV kernel (measured crossover ~20)
@@ -319,7 +325,7 @@ def int8_prepare(qt: QuantizedTensor, dtype: torch.dtype) -> dict:
     from lowbit.runtime.kernels.cpu import int8_codes
 
     scale = qt.scales()[:, 0].contiguous()  # fp32
-    st = {"w": int8_codes(qt), "scale": scale, "n": qt.shape[0]}
+    st = {"w": on_huge_pages(int8_codes(qt)), "scale": scale, "n": qt.shape[0]}
     if qt.shape[1] > int8_gemv_max_k():  # int8pack takes its scales in the activations' dtype
         st["scale_act"] = scale.to(dtype)
     return st
