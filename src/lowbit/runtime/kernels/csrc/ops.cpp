@@ -136,8 +136,8 @@ torch::Tensor int8_dequant(torch::Tensor w, torch::Tensor scale, int64_t row0, i
 // A copy of t (at least 2 MiB of it) on memory aligned to 2 MiB and advised MADV_HUGEPAGE.
 // A GEMV streams every weight byte once per token; on 4 KiB pages that stream misses the TLB
 // every 4 KiB, and Linux's usual THP setting ("madvise") gives anonymous memory 2 MiB pages
-// only where asked (llama.cpp's mmapped GGUF gets them from the page cache's large folios).
-// A hint: where THP is off the copy keeps 4 KiB pages. Smaller tensors come back as they are.
+// only where asked. A hint: where THP is off the copy keeps 4 KiB pages. Smaller tensors
+// come back as they are.
 torch::Tensor huge_page_copy(const torch::Tensor& t) {
   constexpr size_t HUGE = size_t{2} << 20;
   auto src = t.contiguous();
