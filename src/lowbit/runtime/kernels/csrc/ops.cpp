@@ -150,7 +150,7 @@ torch::Tensor huge_page_copy(const torch::Tensor& t) {
   const size_t head = (HUGE - reinterpret_cast<uintptr_t>(raw) % HUGE) % HUGE;
   char* p = raw + head;  // give back the unaligned ends
   if (head) munmap(raw, head);
-  if (HUGE - head) munmap(p + size, HUGE - head);
+  munmap(p + size, HUGE - head);
   madvise(p, size, MADV_HUGEPAGE);
   std::memcpy(p, src.data_ptr(), n);  // the first touch: the pages fault in as 2 MiB ones
   return torch::from_blob(p, src.sizes(), [size](void* q) { munmap(q, size); }, src.options());
