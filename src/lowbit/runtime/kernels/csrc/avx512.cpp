@@ -104,9 +104,8 @@ LB_INLINE void prefetch_weights(const uint8_t* p, int64_t k) {
   else prefetch_ahead(p);
 }
 
-// The blocked region (the top of the file): blocks_of(k, g) blocks of BLOCK columns.
+// The blocked region (the top of the file): lowbit::int4_blocks(k, g) blocks of BLOCK columns.
 constexpr int64_t BLOCK = 512;
-LB_INLINE int64_t blocks_of(int64_t k, int64_t g) { return lowbit::int4_blocks(k, g); }
 
 // Lane l: the index, among block b's groups, of the group of run first + l / per.
 LB_INLINE __m512i run_groups(int64_t g, int first, int per) {
@@ -259,7 +258,7 @@ template <int M, typename S, int ZMODE>
 void int4_tile(const uint8_t* tile, const S* scale, const void* zp, float zconst, const at::BFloat16* x,
                const float* sx, const float* xoff32, at::BFloat16* y, int64_t n, int64_t k, int64_t g, int64_t r,
                float* sbuf) {
-  const int64_t G = k / g, nc = k / 128, spg = g / 32, nb = blocks_of(k, g);
+  const int64_t G = k / g, nc = k / 128, spg = g / 32, nb = lowbit::int4_blocks(k, g);
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   constexpr bool OFF = ZMODE == ZERO_CONST;
   TileAcc<M, OFF> t;
@@ -350,7 +349,7 @@ int64_t lowbit::int4_blocks(int64_t k, int64_t group_size) { return BLOCK % grou
 // lowbit_cpu.h; also the int8-activation prefill's (vnni_gemm.cpp), in column order
 void lowbit::detail::quantize_x(const at::BFloat16* x, int64_t m, int64_t k, int64_t g, bool int4_order, int8_t* xq,
                                 float* xs, float* sx) {
-  const int64_t B = k / 32, G = k / g, nb = int4_order ? blocks_of(k, g) : 0;
+  const int64_t B = k / 32, G = k / g, nb = int4_order ? lowbit::int4_blocks(k, g) : 0;
   // the blocked region (int4_tile_a8): a run's 8 columns per chunk, 8 c + (0, 4, 1, 5) into the
   // low nibbles' dword and 8 c + (2, 6, 3, 7) into the high ones'; per 16 columns (chunks a, a + 1)
   // this shuffle gives the dwords (a low, a + 1 low, a high, a + 1 high)
@@ -420,7 +419,7 @@ void int4_tile_a8(const uint8_t* tile, const S* scale, const void* zp, float zco
   // p (quantize_x puts x's there), so integer chains per lane sum whole runs over a block, and
   // one conversion and multiply-add per block scales them.
   constexpr int CH = M == 1 ? 2 : 1;  // M == 1: low and high nibbles in two chains, for latency
-  const int64_t nb = blocks_of(k, g);
+  const int64_t nb = lowbit::int4_blocks(k, g);
   for (int64_t b = 0; b < nb; ++b) {
     __m512i d[TILE][M][CH];
     for (int rr = 0; rr < TILE; ++rr)
@@ -519,7 +518,7 @@ void int4_tiles_a8(int64_t m, const uint8_t* codes, const S* scale, const void* 
 template <typename S, int ZMODE>
 void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, float zconst, int64_t k, int64_t g,
                         int64_t t0, int64_t t1, at::BFloat16* out) {
-  const int64_t G = k / g, nc = k / 128, nb = blocks_of(k, g);
+  const int64_t G = k / g, nc = k / 128, nb = lowbit::int4_blocks(k, g);
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   const __m512i lo_runs = run_groups(g, 0, 2), hi_runs = run_groups(g, 8, 2);  // a sub-chunk's fp32 halves' runs
   // w = scale * (128 + q) + zero_term for 32 columns: the lower 16 by (sl, zl), the upper by (sh, zh)
@@ -570,7 +569,7 @@ void int4_dequant_tiles(const uint8_t* codes, const S* scale, const void* zp, fl
 void lowbit::int4_gemm(const at::BFloat16* x, int64_t m, int64_t k, const uint8_t* codes, const void* scale,
                        bool half_scale, const void* zero, int64_t zero_mode, float zconst, int64_t n,
                        int64_t group_size, at::BFloat16* y) {
-  const int64_t G = k / group_size, n_tiles = (n + TILE - 1) / TILE, nb = blocks_of(k, group_size);
+  const int64_t G = k / group_size, n_tiles = (n + TILE - 1) / TILE, nb = lowbit::int4_blocks(k, group_size);
   // per-call scratch, kept per thread (the decode step calls this per projection and thread)
   thread_local std::vector<float> sx, xoff32;
   thread_local std::vector<at::BFloat16> xb;
