@@ -35,7 +35,7 @@ sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sr
 import torch  # noqa: E402
 
 from lowbit.evaluate.bench import environment, ratio_by_round, read_bandwidth, round_robin  # noqa: E402
-from lowbit.evaluate.host import host_info, huge_page_bytes  # noqa: E402
+from lowbit.evaluate.host import host_info, huge_page_bytes, transparent_hugepage  # noqa: E402
 from lowbit.io.interop import llamacpp  # noqa: E402
 from lowbit.runtime.kernels import native  # noqa: E402
 
@@ -124,7 +124,7 @@ def main():
                 tasks[name]()
         huge = huge_page_bytes()  # the kernels' weight copies (both models) on 2 MiB pages
         print(f"on 2 MiB pages: {(huge or 0) / 1e9:.2f} GB of {(weight_bytes(model) + weight_bytes(g64)) / 1e9:.2f} GB "
-              f"of weights (THP {host_info()['transparent_hugepage']})", file=sys.stderr)
+              f"of weights (THP {transparent_hugepage()})", file=sys.stderr)
         got = round_robin(tasks, args.rounds)
         gguf_bytes = gguf.stat().st_size
     roofs = got.pop("read roof")
